@@ -1,0 +1,174 @@
+"""`tdm-r1 <command>`: pretrain, sample, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from tdm_r1.checkpoint import CheckpointError
+from tdm_r1.config import Config, ConfigError, load_config
+from tdm_r1.worlds.ocr import PromptFileError
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--config", required=required, help="YAML config (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by dotted key, e.g. --set pretrain.steps=100 (repeatable)",
+    )
+
+
+def _setup_threads(cfg: Config) -> None:
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from tdm_r1.pretrain import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    _setup_threads(cfg)
+    pretrain(cfg)
+    return 0
+
+
+def _eval_setup(args: argparse.Namespace):
+    """Model from the checkpoint; config = checkpoint's world, then --config, then --set."""
+    from tdm_r1.checkpoint import load_model
+    from tdm_r1.config import to_dict
+    from tdm_r1.worlds.ocr import build_world
+
+    model, world_cfg, info = load_model(args.checkpoint)
+    cfg = load_config(args.config, args.overrides, base={"world": to_dict(world_cfg)})
+    _setup_threads(cfg)
+    return model, build_world(cfg.world), cfg, info
+
+
+def _read_prompt_words(path: str, world) -> list[str]:
+    from tdm_r1.worlds.ocr import read_words
+
+    return read_words(path, world.cfg.alphabet, world.cfg.max_word_len)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tdm_r1.evaluate import build_eval_reward, eval_words, evaluate
+    from tdm_r1.report import save_grid
+
+    model, world, cfg, info = _eval_setup(args)
+    words = (
+        _read_prompt_words(args.prompts, world)
+        if args.prompts
+        else eval_words(world, args.split, cfg.eval.n_train, cfg.eval.seed)
+    )
+    nfe = args.nfe if args.nfe is not None else cfg.sample.nfe
+    guidance = args.cfg if args.cfg is not None else cfg.sample.cfg
+    shift = args.shift if args.shift is not None else cfg.sample.shift
+    reward = build_eval_reward(cfg.reward, world)
+    result, images = evaluate(model, world, reward, words, nfe, guidance, shift, cfg.eval, args.solver)
+    result.update(
+        {
+            "checkpoint": str(args.checkpoint),
+            "split": args.split if not args.prompts else args.prompts,
+            "seed": cfg.eval.seed,
+        }
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    grid = out.with_suffix(".png")
+    n = cfg.eval.grid_rows * cfg.eval.grid_cols
+    save_grid(images[:n], grid, cols=cfg.eval.grid_cols)
+    print(json.dumps(result))
+    print(f"eval: wrote {out} and {grid}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from tdm_r1.evaluate import generate
+    from tdm_r1.report import save_grid
+
+    model, world, cfg, _ = _eval_setup(args)
+    words = list(args.words) + (_read_prompt_words(args.prompts, world) if args.prompts else [])
+    if not words:
+        raise ConfigError("sample: give words as arguments or --prompts FILE")
+    for lineno, w in enumerate(words, 1):
+        bad = sorted({c for c in w if c not in world.cfg.alphabet})
+        if bad or not w or len(w) > world.cfg.max_word_len:
+            raise PromptFileError(
+                f"word {lineno} {w!r}: must be 1..{world.cfg.max_word_len} characters of {world.cfg.alphabet}"
+            )
+    nfe = args.nfe if args.nfe is not None else cfg.sample.nfe
+    guidance = args.cfg if args.cfg is not None else cfg.sample.cfg
+    shift = args.shift if args.shift is not None else cfg.sample.shift
+    images = generate(model, world, words, nfe, guidance, shift, args.seed, cfg.eval.batch_size, args.solver)
+    save_grid(images, args.out, cols=min(len(words), args.cols), scale=4)
+    print(f"sample: wrote {len(words)} images to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tdm-r1", description="Few-step flow models trained with TDM / TDM-R1.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "pretrain",
+        help="train the toy teacher with rectified flow",
+        description="Rectified-flow training of the toy teacher. Writes config.yaml, metrics.jsonl, "
+        "intermediate EMA checkpoints and teacher.safetensors into run_dir.",
+    )
+    _add_config_args(p, required=True)
+    p.set_defaults(func=cmd_pretrain)
+
+    def add_sampling_args(p):
+        p.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors)")
+        _add_config_args(p, required=False)
+        p.add_argument("--nfe", type=int, default=None, help="sampler steps (default: sample.nfe)")
+        p.add_argument("--cfg", type=float, default=None, help="CFG scale; 1 disables CFG (default: sample.cfg)")
+        p.add_argument("--shift", type=float, default=None, help="timestep shift k (default: sample.shift)")
+        p.add_argument("--solver", choices=["euler", "dpmpp2m"], default="euler")
+
+    p = sub.add_parser(
+        "eval",
+        help="OCR-score a checkpoint on a word split or file",
+        description="Sample one image per word, OCR it, and write {ocr_mean, ocr_exact, n, ...} "
+        "as JSON plus a sample grid PNG next to it.",
+    )
+    add_sampling_args(p)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--split", choices=["train", "heldout"], default="heldout")
+    group.add_argument("--prompts", help="file with one word per line (UTF-8, the world's alphabet)")
+    p.add_argument("--out", required=True, help="output JSON path; the grid goes to the same path with .png")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="render words with a checkpoint into a PNG grid")
+    add_sampling_args(p)
+    p.add_argument("words", nargs="*", help="words to render, e.g. HELLO CAT")
+    p.add_argument("--prompts", help="file with one word per line")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cols", type=int, default=8)
+    p.add_argument("--out", default="samples.png")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, PromptFileError) as e:
+        print(f"tdm-r1 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

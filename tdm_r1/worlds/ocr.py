@@ -1,0 +1,130 @@
+"""Toy OCR world: short uppercase words rendered into small canvases, prompted as `a sign that says "WORD"`.
+
+The world is a seeded data generator plus a prompt grammar with disjoint train / held-out word lists.
+Its difficulty knobs live in `WorldConfig`; the reward is a real OCR engine (`tdm_r1.rewards.ocr`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from tdm_r1.config import WorldConfig
+
+
+class PromptFileError(ValueError):
+    """A word or prompt file is malformed; the message names the file and line."""
+
+
+def read_words(path: str | Path, alphabet: str, max_len: int) -> list[str]:
+    """One word per line; every character must be in `alphabet`. Errors name the line number."""
+    p = Path(path)
+    if not p.is_file():
+        raise PromptFileError(f"word file not found: {p}")
+    raw = p.read_bytes()
+    words: list[str] = []
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise PromptFileError(f"{p}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        if not text:
+            if lineno == raw.count(b"\n") + 1:  # trailing newline at end of file
+                continue
+            raise PromptFileError(f"{p}:{lineno}: empty line (one word per line)")
+        bad = sorted({c for c in text if c not in alphabet})
+        if bad:
+            raise PromptFileError(
+                f"{p}:{lineno}: {text!r} has characters outside the world's alphabet: {''.join(bad)!r} "
+                f"(allowed: {alphabet})"
+            )
+        if len(text) > max_len:
+            raise PromptFileError(f"{p}:{lineno}: {text!r} is longer than max_word_len={max_len}")
+        words.append(text)
+    if not words:
+        raise PromptFileError(f"{p}: no words (the file is empty)")
+    return words
+
+
+@lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    # Pillow's embedded FreeType font: identical on every machine, no system fonts needed.
+    return ImageFont.load_default(size=size)
+
+
+@dataclass
+class OCRWorld:
+    cfg: WorldConfig
+    train_words: list[str]
+    heldout_words: list[str]
+
+    def prompt(self, word: str) -> str:
+        return self.cfg.prompt_template.format(word=word)
+
+    def word_of(self, prompt: str) -> str:
+        """Invert `prompt`: the word the prompt asks for."""
+        pre, _, post = self.cfg.prompt_template.partition("{word}")
+        m = re.fullmatch(re.escape(pre) + "(.*)" + re.escape(post), prompt)
+        if m is None:
+            raise ValueError(f"prompt {prompt!r} does not match the template {self.cfg.prompt_template!r}")
+        return m.group(1)
+
+    def words(self, split: str) -> list[str]:
+        if split == "train":
+            return self.train_words
+        if split == "heldout":
+            return self.heldout_words
+        raise ValueError(f"unknown split {split!r}; expected 'train' or 'heldout'")
+
+    def render(self, word: str, rng: np.random.Generator) -> np.ndarray:
+        """One image [H, W, C] float32 in [0, 1]."""
+        c = self.cfg
+        size = int(rng.choice(c.font_sizes))
+        if c.random_rgb:
+            bg = rng.uniform(0.0, 1.0, 3)
+            fg = rng.uniform(0.0, 1.0, 3)
+        else:
+            bg = np.full(3, rng.uniform(*c.background_level))
+            fg = np.full(3, rng.uniform(*c.text_level))
+        if rng.random() < c.invert_prob:
+            bg, fg = fg, bg
+        x = c.left_margin + (int(rng.integers(0, c.jitter_x + 1)) if c.jitter_x > 0 else 0)
+        y = c.height / 2 + (int(rng.integers(-c.jitter_y, c.jitter_y + 1)) if c.jitter_y > 0 else 0)
+        mask = Image.new("L", (c.width, c.height), 0)
+        ImageDraw.Draw(mask).text((x, y), word, fill=255, font=_font(size), anchor="lm")
+        alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0  # [H, W, 1]
+        img = (1.0 - alpha) * bg[None, None, :] + alpha * fg[None, None, :]
+        if c.noise_std > 0:
+            img = img + rng.normal(0.0, c.noise_std, img.shape)
+        img = np.clip(img, 0.0, 1.0).astype(np.float32)
+        return img[..., :1] if c.channels == 1 else img
+
+    def render_batch(self, words: list[str], rng: np.random.Generator) -> torch.Tensor:
+        """Images [B, C, H, W] float32 in [0, 1]."""
+        arr = np.stack([self.render(w, rng) for w in words])
+        return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+    def sample(self, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, list[str]]:
+        """Training batch: `n` train words drawn with replacement, rendered. Returns (images, prompts)."""
+        idx = rng.integers(0, len(self.train_words), n)
+        words = [self.train_words[i] for i in idx]
+        return self.render_batch(words, rng), [self.prompt(w) for w in words]
+
+
+def build_world(cfg: WorldConfig) -> OCRWorld:
+    if cfg.name != "ocr":
+        raise ValueError(f"unknown world {cfg.name!r}")
+    if cfg.random_rgb and cfg.channels != 3:
+        raise ValueError("world.random_rgb needs world.channels: 3")
+    train = read_words(cfg.train_words, cfg.alphabet, cfg.max_word_len)
+    heldout = read_words(cfg.heldout_words, cfg.alphabet, cfg.max_word_len)
+    overlap = sorted(set(train) & set(heldout))
+    if overlap:
+        raise ValueError(f"train and held-out word lists overlap in {len(overlap)} words, e.g. {overlap[:5]}")
+    return OCRWorld(cfg, train, heldout)
