@@ -89,3 +89,164 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
             f"{path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     return model.to(device).eval(), world_cfg, info
+
+
+# -- training state ---------------------------------------------------------------------------------
+# One safetensors file per checkpoint: every tensor (role weights, optimizer moments, RNG states) is a
+# safetensors entry; the nesting and the small non-tensor values (step, data position, optimizer
+# hyper-parameters, numpy / python RNG states) are a JSON skeleton in the metadata. Nothing is pickled.
+
+STATE_FORMAT = "tdm_r1.train_state/1"
+STATE_GLOB = "state_*.safetensors"
+
+
+def _flatten(obj, key: str, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().clone().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, _flatten(v, f"{key}/{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        kind = "__tuple__" if isinstance(obj, tuple) else "__list__"
+        return {kind: [_flatten(v, f"{key}/{i}", tensors) for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"training state at {key!r}: cannot store a {type(obj).__name__}")
+
+
+def _unflatten(node, tensors: dict[str, torch.Tensor]):
+    if isinstance(node, dict):
+        if "__tensor__" in node:
+            return tensors[node["__tensor__"]]
+        if "__dict__" in node:
+            return {k: _unflatten(v, tensors) for k, v in node["__dict__"]}
+        if "__tuple__" in node:
+            return tuple(_unflatten(v, tensors) for v in node["__tuple__"])
+        if "__list__" in node:
+            return [_unflatten(v, tensors) for v in node["__list__"]]
+        raise CheckpointError(f"training state: unknown node {sorted(node)}")
+    return node
+
+
+def save_train_state(path: str | Path, state: dict, info: dict | None = None) -> None:
+    """Atomically write a nested dict of tensors / JSON values (see module notes)."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten(state, "", tensors)
+    meta = {"format": STATE_FORMAT, "state": json.dumps(skeleton), "info": json.dumps(info or {})}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def read_train_state(path: str | Path) -> tuple[dict, dict]:
+    """Inverse of save_train_state -> (state, info); refuses truncated or foreign files with a clear error."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"training-state checkpoint not found: {p}")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != STATE_FORMAT:
+                raise CheckpointError(
+                    f"{p} is not a tdm-r1 training-state checkpoint "
+                    f"(format {meta.get('format')!r}, expected {STATE_FORMAT!r})"
+                )
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        skeleton = json.loads(meta["state"])
+        info = json.loads(meta.get("info", "{}"))
+    except (SafetensorError, OSError, RuntimeError, json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{p} is not a readable training-state checkpoint (truncated or corrupt?): {e}") from e
+    return _unflatten(skeleton, tensors), info
+
+
+def state_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"state_{step:06d}.safetensors"
+
+
+def list_train_states(run_dir: str | Path) -> list[Path]:
+    """Training-state checkpoints of a run, oldest first."""
+    return sorted((Path(run_dir) / "checkpoints").glob(STATE_GLOB))
+
+
+def prune_train_states(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` training-state checkpoints (keep <= 0 keeps all)."""
+    if keep > 0:
+        for p in list_train_states(run_dir)[:-keep]:
+            p.unlink()
+
+
+def rng_state(torch_generators: dict[str, torch.Generator], numpy_rngs: dict) -> dict:
+    """Snapshot of the global torch / numpy / python RNGs and of the named generators."""
+    import random
+
+    import numpy as np
+
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy_global": list(_np_global_state(np)),
+        "python": random.getstate(),
+        "generators": {k: g.get_state() for k, g in torch_generators.items()},
+        "numpy": {k: r.bit_generator.state for k, r in numpy_rngs.items()},
+    }
+
+
+def _np_global_state(np):
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss
+
+
+def set_rng_state(state: dict, torch_generators: dict[str, torch.Generator], numpy_rngs: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy_global"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    for k, g in torch_generators.items():
+        g.set_state(state["generators"][k])
+    for k, r in numpy_rngs.items():
+        r.bit_generator.state = state["numpy"][k]
+
+
+# -- lora adapters ----------------------------------------------------------------------------------
+
+ADAPTER_FORMAT = "tdm_r1.adapter/1"
+
+
+def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], cfg, **info) -> None:
+    """One role's lora tensors (keys without the adapter name) with the lora settings and model config."""
+    r = cfg.roles
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "lora": json.dumps({"rank": r.lora_rank, "alpha": r.lora_alpha, "targets": r.lora_targets}),
+        "model": json.dumps(to_dict(cfg.model)),
+        "world": json.dumps(to_dict(cfg.world)),
+        "info": json.dumps(info),
+    }
+    data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(data, str(tmp), metadata=meta))
+
+
+def read_adapter(path: str | Path, roles_cfg) -> dict[str, torch.Tensor]:
+    """Adapter tensors written by save_adapter; refuses foreign files and mismatched lora settings."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"adapter not found: {p}")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != ADAPTER_FORMAT:
+                raise CheckpointError(
+                    f"{p} is not a tdm-r1 adapter (format {meta.get('format')!r}, expected {ADAPTER_FORMAT!r}); "
+                    "roles.mode=lora starts the generator from student_adapter.safetensors, "
+                    "roles.mode=full from a model checkpoint"
+                )
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{p} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    lora = json.loads(meta["lora"])
+    want = {"rank": roles_cfg.lora_rank, "alpha": roles_cfg.lora_alpha, "targets": roles_cfg.lora_targets}
+    if lora != want:
+        raise CheckpointError(f"{p}: adapter lora settings {lora} differ from roles.lora_* {want}")
+    return tensors

@@ -100,6 +100,70 @@ class EvalConfig:
 
 
 @dataclass
+class RolesConfig:
+    """How the model roles are held (DESIGN section 4)."""
+
+    # lora: one frozen base (the teacher) carries peft adapters generator / fake / surrogate, plus frozen
+    # copies generator_ema / slow_surrogate; the reference is the base with adapters disabled.
+    # full: every trainable role is its own copy of the teacher (the generator of generator_init).
+    mode: Literal["lora", "full"] = "lora"
+    teacher: str = "checkpoints/toy_ocr_teacher.safetensors"  # model checkpoint; frozen reference
+    # Few-step generator to start from: full mode takes a model checkpoint (weights), lora mode an adapter
+    # file written by `tdm-r1 distill` in lora mode (student_adapter.safetensors). None = the teacher.
+    generator_init: str | None = None
+    lora_rank: int = 32
+    lora_alpha: float = 64.0
+    # Regex (full match on module names) of the linear layers that get adapters: the DiT blocks'
+    # attention qkv/proj and MLP fc1/fc2 (the prompt encoder's blocks are "text_blocks.*" and stay frozen).
+    lora_targets: str = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+
+
+@dataclass
+class TDMConfig:
+    """Constants of the TDM / TDM-R1 update (DESIGN section 5)."""
+
+    steps: int = 4  # K: student sampler steps
+    shift: float = 3.0  # schedule shift k of the student's timesteps
+    steps_per_batch: int = 2  # M: step indices j drawn per stored batch
+    tau_margin: float = 0.02  # tau drawn uniform in pre-shift time over (u_{j+1} + margin, 1], then shifted
+    fake_reg: float = 0.02  # weight of mean(v_real - v_fake)^2 in the fake-score loss
+    cfg: float = 4.5  # CFG scale of the CFG-as-reward target
+    w_tdm: float = 0.3
+    trunc_steps: int = 4  # steps j >= trunc_steps use w_tdm * (L_cfg + L_kl)
+    rl_cfg: float = 4.5  # CFG scale of the surrogate in the learned-reward target
+    normaliser_eps: float = 1e-6  # added to the per-sample normaliser mean|x0_hat - x0_ref|
+
+
+@dataclass
+class OptimConfig:
+    """AdamW per role (DESIGN section 5.5)."""
+
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    generator_lr: float = 7.5e-5
+    generator_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    fake_lr: float = 3e-4
+    fake_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    surrogate_lr: float = 3e-4
+    surrogate_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    generator_ema_decay: float = 0.9  # per generator optimizer step
+
+
+@dataclass
+class DistillConfig:
+    """`tdm-r1 distill`: the TDM loop (reward term off, generator from the teacher, rollouts from noise)."""
+
+    steps: int = 600  # generator optimizer steps
+    batch_size: int = 32  # prompts (one rollout each) per step
+    fake_updates: int = 1  # fake-score optimizer steps per generator step, each on a fresh rollout
+    log_every: int = 10
+    eval_every: int = 200  # held-out OCR of the EMA generator at K steps; 0 = only at the end
+    eval_at_end: bool = True
+    checkpoint_every: int = 200  # training-state checkpoints under <run_dir>/checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # newest training-state checkpoints kept
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -110,6 +174,10 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    roles: RolesConfig = field(default_factory=RolesConfig)
+    tdm: TDMConfig = field(default_factory=TDMConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def _type_name(tp: Any) -> str:

@@ -67,7 +67,7 @@ def pretrain(cfg: Config) -> Path:
         if step % pc.log_every == 0 or step == pc.steps:
             rec = {
                 "step": step,
-                "loss": float(loss),
+                "loss": loss.item(),
                 "grad_norm": grad_norm,
                 "lr": opt.param_groups[0]["lr"],
                 "seconds": round(time.time() - t_start, 1),

@@ -1,0 +1,403 @@
+"""`tdm-r1 distill`: TDM (trajectory distribution matching), teacher -> K-step student.
+
+Each step: roll the generator out from pure noise (deterministic K-step Euler, no CFG), draw M step
+indices j, and for each j
+  fake:      x0_hat, x_next from the rollout at x_{s_j}; tau in (s_{j+1}, 1]; x_tau = renoise(x_next);
+             loss (x_tau - x0_hat)/tau vs v_fake(x_tau), + fake_reg * (v_real - v_fake)^2
+  generator: v = v_gen(x_{s_j}) with grad; x_next re-noised to a fresh tau; revised-x0 KL + CFG losses
+             against the teacher (cond / uncond) and the fake score at x_tau.
+Gradients of the M indices accumulate; then one AdamW step per role and the generator EMA update.
+The reward term is off: this is DESIGN section 5 with w_tdm applied to CFG and KL only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from tdm_r1 import checkpoint as ckpt
+from tdm_r1.config import Config, OptimConfig, TDMConfig, save_config, to_dict
+from tdm_r1.losses import (
+    fake_score_loss,
+    generator_targets,
+    generator_term_weights,
+    renoise,
+    revised_x0_loss,
+    sample_tau,
+    x0_from_velocity,
+)
+from tdm_r1.models.base import Cond
+from tdm_r1.report import JsonlLogger
+from tdm_r1.roles import Role, Roles, build_roles
+from tdm_r1.sampling import Trajectory, euler_step, rollout
+
+# Config keys that may differ between a run and its resumption (they do not change the trajectory of
+# the training state, only how long it runs and what is written).
+RESUMABLE_CHANGES = (
+    "run_dir",
+    "threads",
+    "distill.steps",
+    "distill.eval_every",
+    "distill.eval_at_end",
+    "distill.checkpoint_every",
+    "distill.keep_checkpoints",
+    "eval.",
+    "reward.",
+)
+
+
+class PromptStream:
+    """Train prompts in seeded per-epoch permutations; (epoch, offset) is the data position."""
+
+    def __init__(self, words: list[str], seed: int):
+        self.words, self.seed = words, seed
+        self.epoch, self.offset = 0, 0
+
+    def _perm(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.words))
+
+    def next(self, n: int) -> list[str]:
+        out: list[str] = []
+        while len(out) < n:
+            perm = self._perm()
+            take = perm[self.offset : self.offset + n - len(out)]
+            out += [self.words[i] for i in take]
+            self.offset += len(take)
+            if self.offset >= len(self.words):
+                self.epoch, self.offset = self.epoch + 1, 0
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+
+def build_optimizers(roles: Roles, ocfg: OptimConfig) -> dict[str, torch.optim.AdamW]:
+    settings = {
+        "generator": (ocfg.generator_lr, ocfg.generator_betas),
+        "fake": (ocfg.fake_lr, ocfg.fake_betas),
+        "surrogate": (ocfg.surrogate_lr, ocfg.surrogate_betas),
+    }
+    return {
+        name: torch.optim.AdamW(
+            params, lr=settings[name][0], betas=tuple(settings[name][1]), weight_decay=ocfg.weight_decay
+        )
+        for name, params in roles.trainable().items()
+    }
+
+
+def optimizer_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], clip: float) -> float:
+    """Clip, step, zero; returns the pre-clip gradient norm."""
+    norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+def _per_sample(value: float, like: Tensor) -> Tensor:
+    return torch.full((like.shape[0],), value, device=like.device)
+
+
+def fake_score_backward(
+    fake: Role,
+    reference: Role,
+    cond: Cond,
+    traj: Trajectory,
+    j: int,
+    tcfg: TDMConfig,
+    gen: torch.Generator,
+    scale: float,
+) -> dict[str, float]:
+    """Fake-score loss at step j of a rollout (its stored output is the generator's x0_hat), backward."""
+    x, v = traj.xs[j], traj.v[j]
+    s, s_next = _per_sample(float(traj.s[j]), x), _per_sample(float(traj.s[j + 1]), x)
+    x_next, x0_hat = euler_step(x, v, s, s_next)
+    tau = sample_tau(s_next, tcfg.tau_margin, tcfg.shift, gen)
+    x_tau, _, _ = renoise(x_next, torch.randn(x.shape, generator=gen), s_next, tau)
+    with torch.no_grad():
+        v_real = reference.velocity(x_tau, tau, cond)
+    v_fake = fake.velocity(x_tau, tau, cond)
+    loss, parts = fake_score_loss(x_tau, tau, x0_hat, v_fake, v_real, tcfg.fake_reg)
+    (loss * scale).backward()
+    return {"loss_fake": float(loss), "fake_dsm": float(parts["dsm"].mean()), "fake_reg": float(parts["reg"].mean())}
+
+
+def generator_backward(
+    roles: Roles, cond: Cond, traj: Trajectory, j: int, tcfg: TDMConfig, gen: torch.Generator, scale: float
+) -> dict[str, float]:
+    """Revised-x0 KL + CFG losses of the generator at step j (reward term off), backward."""
+    x = traj.xs[j]
+    s, s_next = _per_sample(float(traj.s[j]), x), _per_sample(float(traj.s[j + 1]), x)
+    v = roles.generator.velocity(x, s, cond)
+    x_next, x0_hat = euler_step(x, v, s, s_next)
+    tau = sample_tau(s_next, tcfg.tau_margin, tcfg.shift, gen)
+    x_tau, _, _ = renoise(x_next.detach(), torch.randn(x.shape, generator=gen), s_next, tau)
+    with torch.no_grad():
+        v_c, v_u = roles.reference.velocity_cfg(x_tau, tau, cond)
+        v_f = roles.fake.velocity(x_tau, tau, cond)
+    x0 = lambda vel: x0_from_velocity(x_tau, tau, vel)
+    t = generator_targets(x0_hat, x0(v_c), x0(v_u), x0(v_f), tcfg.cfg)
+    weights = generator_term_weights(j, tcfg.trunc_steps, tcfg.w_tdm, with_reward=False)
+    per_sample, terms = revised_x0_loss(
+        x0_hat, t["target_kl"], t["target_cfg"], None, t["ref_real"], None, weights, tcfg.normaliser_eps
+    )
+    loss = per_sample.mean()
+    (loss * scale).backward()
+    return {"loss_gen": float(loss), "gen_kl": float(terms[:, 0].mean()), "gen_cfg": float(terms[:, 1].mean())}
+
+
+def draw_steps(k: int, m: int, gen: torch.Generator) -> list[int]:
+    """M step indices uniform in 0..K-1 (with replacement), sorted."""
+    return sorted(torch.randint(0, k, (m,), generator=gen).tolist())
+
+
+def _rollout(roles: Roles, world, stream: PromptStream, n: int, tcfg: TDMConfig, gen: torch.Generator):
+    words = stream.next(n)
+    cond = roles.generator.encode_prompts([world.prompt(w) for w in words])
+    c = world.cfg
+    noise = torch.randn((n, *roles.generator.latent_shape(c.height, c.width)), generator=gen)
+    return cond, rollout(roles.generator, cond, noise, steps=tcfg.steps, shift=tcfg.shift)
+
+
+def distill_step(
+    roles: Roles, opts: dict, world, stream: PromptStream, cfg: Config, gen: torch.Generator
+) -> dict[str, float]:
+    """One generator optimizer step (preceded by distill.fake_updates - 1 fake-only steps)."""
+    tcfg, dcfg, ocfg = cfg.tdm, cfg.distill, cfg.optim
+    fake_params = roles.trainable()["fake"]
+    rec: dict[str, float] = {}
+    for _ in range(dcfg.fake_updates - 1):
+        cond, traj = _rollout(roles, world, stream, dcfg.batch_size, tcfg, gen)
+        for j in draw_steps(tcfg.steps, tcfg.steps_per_batch, gen):
+            fake_score_backward(roles.fake, roles.reference, cond, traj, j, tcfg, gen, 1.0 / tcfg.steps_per_batch)
+        optimizer_step(opts["fake"], fake_params, ocfg.grad_clip)
+    cond, traj = _rollout(roles, world, stream, dcfg.batch_size, tcfg, gen)
+    js = draw_steps(tcfg.steps, tcfg.steps_per_batch, gen)
+    sums: dict[str, float] = {}
+    for j in js:
+        scale = 1.0 / len(js)
+        parts = fake_score_backward(roles.fake, roles.reference, cond, traj, j, tcfg, gen, scale)
+        parts |= generator_backward(roles, cond, traj, j, tcfg, gen, scale)
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v * scale
+    rec |= sums
+    rec["grad_norm_fake"] = optimizer_step(opts["fake"], fake_params, ocfg.grad_clip)
+    rec["grad_norm_generator"] = optimizer_step(opts["generator"], roles.trainable()["generator"], ocfg.grad_clip)
+    roles.update_shadow("generator_ema", ocfg.generator_ema_decay)
+    rec["j_mean"] = float(np.mean(js))
+    rec["sample_std"] = float(traj.sample.std())
+    return rec
+
+
+# -- run: setup, checkpoints, eval, export ------------------------------------------------------------
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Progress:
+    """Everything besides roles and optimizers that a resumed run needs to continue exactly."""
+
+    step: int
+    stream: PromptStream
+    gen: torch.Generator  # rollout noise, tau, step indices
+
+
+def capture_state(progress: Progress, roles: Roles, opts: dict) -> dict:
+    return {
+        "step": progress.step,
+        "data": progress.stream.state(),
+        "roles": roles.state_tensors(),
+        "optim": {k: o.state_dict() for k, o in opts.items()},
+        "rng": ckpt.rng_state({"train": progress.gen}, {}),
+    }
+
+
+def restore_state(state: dict, progress: Progress, roles: Roles, opts: dict) -> None:
+    roles.load_state_tensors(state["roles"])
+    if set(state["optim"]) != set(opts):
+        raise ckpt.CheckpointError(f"checkpoint optimizers {sorted(state['optim'])} != this run's {sorted(opts)}")
+    for k, o in opts.items():
+        o.load_state_dict(state["optim"][k])
+    ckpt.set_rng_state(state["rng"], {"train": progress.gen}, {})
+    progress.stream.load(state["data"])
+    progress.step = int(state["step"])
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out |= _flat(v, key + ".") if isinstance(v, dict) else {key: v}
+    return out
+
+
+def check_resume_config(saved: dict, current: dict, path: Path) -> None:
+    allowed = lambda k: any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_CHANGES)
+    a, b = _flat(saved), _flat(current)
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not allowed(k)]
+    if diff:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
+        raise ckpt.CheckpointError(
+            f"{path}: the config differs from the checkpoint's in keys that change training: {shown}"
+        )
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path:
+    """'auto' -> the newest training state of run_dir (no silent fallback to an older one)."""
+    if resume != "auto":
+        return Path(resume)
+    states = ckpt.list_train_states(run_dir)
+    if not states:
+        raise ckpt.CheckpointError(f"--resume: no training-state checkpoint under {run_dir / 'checkpoints'}")
+    return states[-1]
+
+
+def load_resume(path: Path, cfg: Config, progress: Progress, roles: Roles, opts: dict, teacher_sha: str) -> None:
+    try:
+        state, info = ckpt.read_train_state(path)
+    except ckpt.CheckpointError as e:
+        older = [p for p in ckpt.list_train_states(path.parent) if p != path]
+        hint = f"; the previous checkpoint {older[-1]} is intact: --resume {older[-1]}" if older else ""
+        raise ckpt.CheckpointError(f"{e}{hint}") from e
+    if info.get("command") != "distill":
+        raise ckpt.CheckpointError(f"{path} was written by {info.get('command')!r}, not by distill")
+    if info.get("teacher_sha256") != teacher_sha:
+        raise ckpt.CheckpointError(f"{path} was trained against a different teacher than {cfg.roles.teacher}")
+    check_resume_config(info["config"], to_dict(cfg), path)
+    try:
+        restore_state(state, progress, roles, opts)
+    except (KeyError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path}: does not match this run's roles/optimizers: {e}") from e
+
+
+def save_checkpoint(cfg: Config, progress: Progress, roles: Roles, opts: dict, teacher_sha: str) -> Path:
+    path = ckpt.state_path(cfg.run_dir, progress.step)
+    info = {"command": "distill", "config": to_dict(cfg), "teacher_sha256": teacher_sha, "step": progress.step}
+    ckpt.save_train_state(path, capture_state(progress, roles, opts), info)
+    ckpt.prune_train_states(cfg.run_dir, cfg.distill.keep_checkpoints)
+    return path
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop records logged after the resumed step (a run stopped after its last checkpoint)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def load_teacher(cfg: Config):
+    model, world_cfg, _ = ckpt.load_model(cfg.roles.teacher)
+    if to_dict(model.cfg) != to_dict(cfg.model):
+        raise ckpt.CheckpointError(f"{cfg.roles.teacher}: its model config differs from the run's model section")
+    w = cfg.world
+    if (world_cfg.height, world_cfg.width, world_cfg.channels) != (w.height, w.width, w.channels):
+        raise ckpt.CheckpointError(f"{cfg.roles.teacher}: trained on {world_cfg.height}x{world_cfg.width} images")
+    return model.requires_grad_(False)
+
+
+def load_generator_init(cfg: Config):
+    path = cfg.roles.generator_init
+    if path is None:
+        return None
+    if cfg.roles.mode == "full":
+        return ckpt.load_model(path)[0]
+    return ckpt.read_adapter(path, cfg.roles)
+
+
+def evaluate_generator(roles: Roles, world, cfg: Config, state: dict) -> dict:
+    """Held-out OCR of the EMA generator at K steps, no CFG (the reward is built once, lazily)."""
+    from tdm_r1.evaluate import build_eval_reward, eval_words, evaluate
+
+    if "reward" not in state:
+        state["reward"] = build_eval_reward(cfg.reward, world)
+    words = eval_words(world, "heldout", cfg.eval.n_train, cfg.eval.seed)
+    result, images = evaluate(
+        roles.generator_ema, world, state["reward"], words, cfg.tdm.steps, 1.0, cfg.tdm.shift, cfg.eval
+    )
+    state["images"] = images
+    return result
+
+
+def export_student(cfg: Config, roles: Roles, step: int, minutes: float) -> Path:
+    run = Path(cfg.run_dir)
+    info = {"kind": "student", "step": step, "nfe": cfg.tdm.steps, "shift": cfg.tdm.shift, "minutes": minutes}
+    info |= {"teacher": cfg.roles.teacher, "roles_mode": cfg.roles.mode}
+    out = run / "student.safetensors"
+    ckpt.save_model(out, roles.export("generator_ema"), cfg.model, cfg.world, **info)
+    if cfg.roles.mode == "lora":
+        ckpt.save_adapter(run / "student_adapter.safetensors", roles.adapter_tensors("generator_ema"), cfg, **info)
+    return out
+
+
+def distill(cfg: Config, resume: str | None = None) -> dict:
+    """Run TDM distillation; returns the summary written to <run_dir>/summary.json."""
+    from tdm_r1.worlds.ocr import build_world
+
+    dcfg, run = cfg.distill, Path(cfg.run_dir)
+    torch.manual_seed(cfg.seed)
+    world = build_world(cfg.world)
+    teacher = load_teacher(cfg)
+    teacher_sha = file_sha256(cfg.roles.teacher)
+    roles = build_roles(cfg.roles, teacher, surrogate=False, generator_init=load_generator_init(cfg))
+    opts = build_optimizers(roles, cfg.optim)
+    progress = Progress(0, PromptStream(world.words("train"), cfg.seed), torch.Generator().manual_seed(cfg.seed))
+    if resume is not None:
+        path = resolve_resume(resume, run)
+        load_resume(path, cfg, progress, roles, opts, teacher_sha)
+        _truncate_log(run / "metrics.jsonl", progress.step)
+        print(f"distill: resumed from {path} at step {progress.step}")
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run / "config.yaml")
+    log = JsonlLogger(run / "metrics.jsonl")
+    n_train = {k: sum(p.numel() for p in v) for k, v in roles.trainable().items()}
+    print(
+        f"distill: {cfg.roles.mode} roles, trainable {n_train}, {dcfg.steps} steps at batch {dcfg.batch_size} -> {run}"
+    )
+    eval_state: dict = {}
+    t_start = time.time()
+    bar = tqdm(range(progress.step + 1, dcfg.steps + 1), desc="distill", dynamic_ncols=True)
+    for step in bar:
+        t0 = time.time()
+        rec = distill_step(roles, opts, world, progress.stream, cfg, progress.gen)
+        progress.step = step
+        rec |= {"step": step, "seconds_step": round(time.time() - t0, 3)}
+        if dcfg.eval_every > 0 and step % dcfg.eval_every == 0 and step != dcfg.steps:
+            ev = evaluate_generator(roles, world, cfg, eval_state)
+            rec |= {"eval_ocr_mean": ev["ocr_mean"], "eval_ocr_exact": ev["ocr_exact"]}
+        if step % dcfg.log_every == 0 or step == dcfg.steps or "eval_ocr_mean" in rec:
+            log.log(rec)
+        bar.set_postfix(gen=f"{rec['loss_gen']:.3f}", fake=f"{rec['loss_fake']:.3f}")
+        if (dcfg.checkpoint_every > 0 and step % dcfg.checkpoint_every == 0) or step == dcfg.steps:
+            save_checkpoint(cfg, progress, roles, opts, teacher_sha)
+    log.close()
+    minutes = round((time.time() - t_start) / 60, 2)
+    student = export_student(cfg, roles, progress.step, minutes)
+    summary = {"student": str(student), "steps": progress.step, "minutes": minutes}
+    if dcfg.eval_at_end:
+        from tdm_r1.report import save_grid
+
+        ev = evaluate_generator(roles, world, cfg, eval_state)
+        (run / "eval_student.json").write_text(json.dumps(ev, indent=2) + "\n")
+        save_grid(eval_state["images"][:64], run / "eval_student.png", cols=8)
+        summary["student_heldout"] = ev
+    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"distill: wrote {student} after {minutes:.1f} min; summary {json.dumps(summary)}")
+    return summary

@@ -1,0 +1,147 @@
+"""TDM losses (DESIGN section 5): re-noising, the fake-score loss, the generator's revised-x0 losses.
+
+Rectified flow: x_s = (1 - s) x0 + s eps, v = eps - x0, x0_hat = x - s v. Per-sample schedule values
+(s, tau) are [B] tensors. Each function below is the plain-torch form of one fused op of DESIGN section 6
+(`renoise`, `revised_x0_loss`); the fake-score target (x_tau - x0_hat) / tau is the velocity of x_tau
+towards x0_hat. Every constant comes from `TDMConfig`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tdm_r1.sampling import shift_time
+
+
+def _bcast(c: Tensor, like: Tensor) -> Tensor:
+    return c.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def _per_sample_mean(t: Tensor) -> Tensor:
+    return t.float().flatten(1).mean(1)
+
+
+def unshift_time(s: Tensor, k: float) -> Tensor:
+    """Inverse of `shift_time`: u = s / (k - (k - 1) s)."""
+    return s / (k - (k - 1.0) * s)
+
+
+def sample_tau(s_lo: Tensor, margin: float, shift: float, generator: torch.Generator | None = None) -> Tensor:
+    """tau [B] in (s_lo, 1]: uniform in pre-shift time over (unshift(s_lo) + margin, 1], then shifted.
+    A lower end past 1 (s_lo near 1) gives tau = 1."""
+    lo = (unshift_time(s_lo.double(), shift) + margin).clamp(max=1.0)
+    r = torch.rand(s_lo.shape, generator=generator, dtype=torch.float64, device=s_lo.device)
+    u = 1.0 - (1.0 - lo) * r  # r in [0, 1) -> u in (lo, 1]
+    return shift_time(u, shift).float()
+
+
+def renoise(x: Tensor, noise: Tensor, s: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Re-noise a state at s to tau >= s: x_tau = a x + b n, a = (1 - tau)/(1 - s), b = sqrt(tau^2 - (a s)^2).
+
+    If x = (1 - s) x0 + s eps with unit-variance eps independent of n, x_tau has the marginal of
+    (1 - tau) x0 + tau eps'. Returns (x_tau, a [B], b [B]); the coefficients are computed in fp64.
+    """
+    s64, tau64 = s.double(), tau.double()
+    a = torch.where(s64 < 1, (1 - tau64) / (1 - s64).clamp_min(1e-300), torch.ones_like(s64))
+    b = torch.sqrt((tau64 * tau64 - (a * s64) ** 2).clamp_min(0))
+    a, b = a.float(), b.float()
+    return _bcast(a, x) * x + _bcast(b, x) * noise.to(x.dtype), a, b
+
+
+def x0_from_velocity(x: Tensor, s: Tensor, v: Tensor) -> Tensor:
+    """x0_hat = x - s v."""
+    return x - _bcast(s, x) * v
+
+
+def fake_score_loss(
+    x_tau: Tensor, tau: Tensor, x0_hat: Tensor, v_fake: Tensor, v_real: Tensor, reg: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """TDM fake-score loss: mean((x_tau - x0_hat)/tau - v_fake)^2 + reg * mean(v_real - v_fake)^2.
+
+    x0_hat and v_real carry no gradient (the generator's prediction and the frozen teacher). Returns the
+    batch-mean loss and the per-sample terms {"dsm": [B], "reg": [B]} (detached).
+    """
+    target = ((x_tau - x0_hat) / _bcast(tau, x_tau)).detach()
+    dsm = _per_sample_mean((target - v_fake).square())
+    regt = _per_sample_mean((v_real.detach() - v_fake).square())
+    loss = (dsm + reg * regt).mean()
+    return loss, {"dsm": dsm.detach(), "reg": regt.detach()}
+
+
+def generator_term_weights(j: int, trunc_steps: int, w_tdm: float, with_reward: bool) -> tuple[float, float, float]:
+    """(w_kl, w_cfg, w_reward) of L = w_kl L_kl + w_cfg L_cfg + w_reward L_reward at step index j.
+
+    TDM-R1 (reward on): (1, w_tdm, 1 - w_tdm) for j < trunc_steps, else (w_tdm, w_tdm, 0).
+    TDM distillation (reward off): w_tdm applies to CFG and KL only, (w_tdm, w_tdm, 0) at every step.
+    """
+    if not with_reward or j >= trunc_steps:
+        return (w_tdm, w_tdm, 0.0)
+    return (1.0, w_tdm, 1.0 - w_tdm)
+
+
+def revised_x0_loss(
+    x0_hat: Tensor,
+    target_kl: Tensor,
+    target_cfg: Tensor,
+    target_reward: Tensor | None,
+    ref_real: Tensor,
+    ref_reward: Tensor | None,
+    weights: tuple[float, float, float],
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Per-sample generator loss (loss [B], unweighted terms [B, 3] = (L_kl, L_cfg, L_reward), detached).
+
+    L_term = mean((x0_hat - sg(target))^2) / sg(w), w = mean|x0_hat - ref| + eps, ref = x0_real^cfg for KL
+    and CFG, x0_sur^cfg for the reward term. The gradient wrt x0_hat is 2 (x0_hat - target) / (w numel).
+    """
+    if (target_reward is None) != (ref_reward is None):
+        raise ValueError("target_reward and ref_reward must be given together")
+    x = x0_hat.float()
+    sq = lambda t: _per_sample_mean((x - t.detach().float()).square())
+    with torch.no_grad():
+        w_real = _per_sample_mean((x - ref_real.float()).abs()) + eps
+    l_kl, l_cfg = sq(target_kl) / w_real, sq(target_cfg) / w_real
+    l_rew = torch.zeros_like(l_kl)
+    if target_reward is not None:
+        with torch.no_grad():
+            w_sur = _per_sample_mean((x - ref_reward.float()).abs()) + eps
+        l_rew = sq(target_reward) / w_sur
+    w_kl, w_cfg, w_rew = weights
+    loss = w_kl * l_kl + w_cfg * l_cfg + w_rew * l_rew
+    return loss, torch.stack([l_kl, l_cfg, l_rew], dim=1).detach()
+
+
+@torch.no_grad()
+def generator_targets(
+    x0_hat: Tensor,
+    x0_real_cond: Tensor,
+    x0_real_uncond: Tensor,
+    x0_fake: Tensor,
+    cfg: float,
+    x0_sur_cfg: Tensor | None = None,
+    x0_ref: Tensor | None = None,
+) -> dict[str, Tensor | None]:
+    """Stop-gradient targets of the revised-x0 losses (all x0 predictions at the re-noised x_next).
+
+    KL (TDM):       x0_hat + (x0_real_cond - x0_fake)
+    CFG-as-reward:  x0_hat + (cfg - 1)(x0_real_cond - x0_real_uncond)
+    learned reward: x0_hat + (x0_sur^cfg - x0_ref)        (TDM-R1 only; x0_sur_cfg, x0_ref at x_tau')
+    plus the normaliser references x0_real^cfg = x0_real_uncond + cfg (x0_real_cond - x0_real_uncond)
+    and x0_sur^cfg.
+    """
+    x0_hat = x0_hat.detach()
+    guidance = x0_real_cond - x0_real_uncond
+    out = {
+        "target_kl": x0_hat + (x0_real_cond - x0_fake),
+        "target_cfg": x0_hat + (cfg - 1.0) * guidance,
+        "ref_real": x0_real_uncond + cfg * guidance,
+        "target_reward": None,
+        "ref_reward": None,
+    }
+    if (x0_sur_cfg is None) != (x0_ref is None):
+        raise ValueError("x0_sur_cfg and x0_ref must be given together")
+    if x0_sur_cfg is not None:
+        out["target_reward"] = x0_hat + (x0_sur_cfg - x0_ref)
+        out["ref_reward"] = x0_sur_cfg
+    return out

@@ -1,0 +1,267 @@
+"""Model roles (DESIGN section 4): generator, fake score, surrogate, slow surrogate, reference.
+
+A role is a view on a model: `role.velocity(x, s, cond)` runs the model with that role's weights. Two
+ways to hold them:
+
+- `lora`: one frozen base (the teacher) carries peft adapters `generator`, `fake`, `surrogate` (trained)
+  and `generator_ema`, `slow_surrogate` (frozen copies of adapter tensors, updated by EMA). The
+  reference is the base with every adapter disabled. Only adapter tensors are role state.
+- `full`: every role is its own module: trainable copies of the teacher (the generator from a few-step
+  checkpoint when given), frozen EMA / slow copies, and the frozen teacher as reference.
+
+`build_roles` is the only constructor; the trainer never switches adapters itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from tdm_r1.config import RolesConfig
+from tdm_r1.models.base import Cond
+
+TRAINABLE = ("generator", "fake", "surrogate")
+# frozen copy -> the trainable role it follows by EMA
+SHADOWS = {"generator_ema": "generator", "slow_surrogate": "surrogate"}
+
+
+class _AdapterHost:
+    """One peft-wrapped base model; activates one adapter (or none) per call, keeping requires_grad
+    fixed to each role's own setting (peft's set_adapter / disable_adapter would otherwise toggle it)."""
+
+    def __init__(self, peft_model, trainable: set[str]):
+        self.peft = peft_model
+        self.model = peft_model.base_model.model  # the wrapped module, adapters injected in place
+        self.trainable = trainable
+        self._params = {
+            a: [p for n, p in self.model.named_parameters() if f".{a}." in n and "lora_" in n]
+            for a in peft_model.peft_config
+        }
+        self._active: str | None = None
+
+    def adapter_params(self, adapter: str) -> list[nn.Parameter]:
+        return self._params[adapter]
+
+    def _fix_grads(self) -> None:
+        for name, params in self._params.items():
+            for p in params:
+                p.requires_grad_(name in self.trainable)
+
+    def _activate(self, adapter: str) -> None:
+        if self._active == adapter:
+            return
+        self.peft.base_model.set_adapter(adapter)
+        self._fix_grads()
+        self._active = adapter
+
+    @contextlib.contextmanager
+    def use(self, adapter: str | None) -> Iterator[nn.Module]:
+        if adapter is not None:
+            self._activate(adapter)
+            yield self.model
+            return
+        try:
+            with self.peft.disable_adapter():
+                yield self.model
+        finally:
+            self._active = None
+            self._fix_grads()
+
+
+@dataclass
+class Role:
+    """A FlowModel view: velocity() runs `module` (full mode) or the shared base with `adapter` (lora)."""
+
+    name: str
+    trainable: bool
+    module: nn.Module | None = None
+    host: _AdapterHost | None = None
+    adapter: str | None = None
+
+    def _ctx(self):
+        if self.host is None:
+            return contextlib.nullcontext(self.module)
+        return self.host.use(self.adapter)
+
+    def velocity(self, x: Tensor, s: Tensor, cond: Cond) -> Tensor:
+        with self._ctx() as m:
+            return m.velocity(x, s, cond)
+
+    def velocity_cfg(self, x: Tensor, s: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
+        """(v_cond, v_uncond) in one batched call."""
+        v = self.velocity(torch.cat([x, x]), torch.cat([s, s]), Cond.cat([cond, cond.uncond()]))
+        return v.chunk(2)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The tensors this role owns (trainable or EMA copies); empty for the reference."""
+        if self.host is not None:
+            return [] if self.adapter is None else self.host.adapter_params(self.adapter)
+        return [] if self.name == "reference" else list(self.module.parameters())
+
+    # The rest of the FlowModel protocol: shared by every role.
+    def _base(self) -> nn.Module:
+        return self.host.model if self.host is not None else self.module
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        return self._base().encode_prompts(prompts)
+
+    def decode(self, x0: Tensor) -> Tensor:
+        return self._base().decode(x0)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        return self._base().latent_shape(height, width)
+
+
+@dataclass
+class Roles:
+    mode: str
+    reference: Role
+    generator: Role
+    generator_ema: Role
+    fake: Role | None = None
+    surrogate: Role | None = None
+    slow_surrogate: Role | None = None
+    host: _AdapterHost | None = field(default=None, repr=False)
+
+    def active(self) -> dict[str, Role]:
+        """Every role that exists in this run, by name (reference included)."""
+        names = ("reference", "generator", "generator_ema", "fake", "surrogate", "slow_surrogate")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def trainable(self) -> dict[str, list[nn.Parameter]]:
+        return {n: r.parameters() for n, r in self.active().items() if r.trainable}
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Every role-owned tensor (not the frozen teacher), keyed `<role>/<param name>`."""
+        out = {}
+        for n, r in self.active().items():
+            if n == "reference":
+                continue
+            named = r.host.model.named_parameters() if r.host is not None else r.module.named_parameters()
+            own = {id(p) for p in r.parameters()}
+            out.update({f"{n}/{k}": p.detach() for k, p in named if id(p) in own})
+        return out
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        mine = self.state_tensors()
+        missing, unexpected = sorted(set(mine) - set(tensors)), sorted(set(tensors) - set(mine))
+        if missing or unexpected:
+            raise KeyError(f"role tensors do not match this run: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        for k, t in mine.items():
+            if t.shape != tensors[k].shape:
+                raise KeyError(f"role tensor {k}: shape {tuple(tensors[k].shape)}, expected {tuple(t.shape)}")
+            t.copy_(tensors[k])
+
+    @torch.no_grad()
+    def update_shadow(self, shadow: str, decay: float) -> None:
+        """shadow <- decay * shadow + (1 - decay) * source (generator_ema, slow_surrogate)."""
+        dst, src = getattr(self, shadow), getattr(self, SHADOWS[shadow])
+        for pd, ps in zip(dst.parameters(), src.parameters(), strict=True):
+            pd.lerp_(ps, 1.0 - decay)
+
+    @torch.no_grad()
+    def export(self, role: str = "generator_ema") -> dict[str, Tensor]:
+        """Plain model weights of one role (adapters merged into the base in lora mode)."""
+        r = getattr(self, role)
+        if r.host is None:
+            return {k: v.detach().clone() for k, v in r.module.state_dict().items()}
+        peft = copy.deepcopy(self.host.peft)
+        merged = peft.merge_and_unload(adapter_names=[r.adapter])
+        return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+    def adapter_tensors(self, role: str = "generator_ema") -> dict[str, Tensor]:
+        """lora mode: one role's adapter tensors keyed by module path with the adapter name removed."""
+        r = getattr(self, role)
+        if r.host is None:
+            raise ValueError("adapter_tensors needs roles.mode=lora")
+        named = dict(self.host.model.named_parameters())
+        own = {id(p) for p in r.parameters()}
+        return {k.replace(f".{r.adapter}.", "."): p.detach().clone() for k, p in named.items() if id(p) in own}
+
+
+def _lora_config(cfg: RolesConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, lora_dropout=0.0)
+
+
+def _build_lora(
+    cfg: RolesConfig, teacher: nn.Module, names: list[str], generator_adapter: dict[str, Tensor] | None
+) -> Roles:
+    from peft import get_peft_model
+
+    base = copy.deepcopy(teacher).eval()
+    lcfg = _lora_config(cfg)
+    peft = get_peft_model(base, lcfg, adapter_name=names[0])
+    for n in names[1:]:
+        peft.add_adapter(n, lcfg)
+    for p in peft.parameters():
+        p.requires_grad_(False)
+    host = _AdapterHost(peft, {n for n in names if n in TRAINABLE})
+    roles = {n: Role(n, n in TRAINABLE, host=host, adapter=n) for n in names}
+    if generator_adapter is not None:
+        _load_adapter(host, "generator", generator_adapter)
+    with torch.no_grad():
+        for shadow, src in SHADOWS.items():  # shadows start equal to their source
+            if shadow in roles:
+                for pd, ps in zip(host.adapter_params(shadow), host.adapter_params(src), strict=True):
+                    pd.copy_(ps)
+    host._activate(names[0])
+    return Roles("lora", Role("reference", False, host=host, adapter=None), host=host, **roles)
+
+
+@torch.no_grad()
+def _load_adapter(host: _AdapterHost, adapter: str, tensors: dict[str, Tensor]) -> None:
+    named = {k.replace(f".{adapter}.", "."): p for k, p in host.model.named_parameters() if f".{adapter}." in k}
+    if set(named) != set(tensors):
+        diff = sorted(set(named) ^ set(tensors))
+        raise KeyError(f"generator adapter does not match roles.lora_* (rank/targets); differing keys: {diff[:4]}")
+    for k, p in named.items():
+        p.copy_(tensors[k])
+
+
+def _build_full(cfg: RolesConfig, teacher: nn.Module, names: list[str], generator: nn.Module | None) -> Roles:
+    roles: dict[str, Role] = {}
+    for n in names:
+        src = generator if n in ("generator", "generator_ema") and generator is not None else teacher
+        src = roles[SHADOWS[n]].module if n in SHADOWS else src
+        m = copy.deepcopy(src).eval().requires_grad_(n in TRAINABLE)
+        roles[n] = Role(n, n in TRAINABLE, module=m)
+    return Roles("full", Role("reference", False, module=copy.deepcopy(teacher).eval().requires_grad_(False)), **roles)
+
+
+def build_roles(
+    cfg: RolesConfig,
+    teacher: nn.Module,
+    *,
+    surrogate: bool = True,
+    fake: bool = True,
+    generator_init: nn.Module | dict[str, Tensor] | None = None,
+) -> Roles:
+    """Wire the roles around a teacher model.
+
+    generator_init: full mode, a model with the few-step generator's weights; lora mode, the generator
+    adapter tensors (`Roles.adapter_tensors`). None starts the generator at the teacher. `surrogate`
+    adds the surrogate and its slow copy (TDM-R1); `fake` the fake score (both TDM and TDM-R1).
+    The teacher itself is never modified.
+    """
+    names = (
+        ["generator", "generator_ema"]
+        + (["fake"] if fake else [])
+        + (["surrogate", "slow_surrogate"] if surrogate else [])
+    )
+    if cfg.mode == "lora":
+        if isinstance(generator_init, nn.Module):
+            raise TypeError("roles.mode=lora starts the generator from adapter tensors, not a model")
+        return _build_lora(cfg, teacher, names, generator_init)
+    if cfg.mode == "full":
+        if generator_init is not None and not isinstance(generator_init, nn.Module):
+            raise TypeError("roles.mode=full starts the generator from a model, not adapter tensors")
+        return _build_full(cfg, teacher, names, generator_init)
+    raise ValueError(f"unknown roles.mode {cfg.mode!r}")

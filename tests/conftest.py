@@ -1,0 +1,14 @@
+"""Test-wide environment: must run before any kernel module is imported."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in the interpreter on CPU; DeepSpeed uses its CPU accelerator.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache", "torch_extensions")
+)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")

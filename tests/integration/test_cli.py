@@ -1,0 +1,135 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tdm_r1.cli import build_parser, main
+from tdm_r1.config import load_config
+
+TINY = [
+    "model.dim=32",
+    "model.depth=1",
+    "model.heads=2",
+    "model.text_layers=1",
+    "pretrain.steps=4",
+    "pretrain.batch_size=4",
+    "pretrain.save_every=2",
+    "pretrain.log_every=1",
+    "pretrain.warmup_steps=1",
+]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    rc = main(
+        [
+            "pretrain",
+            "--config",
+            "configs/toy_ocr_teacher.yaml",
+            "--set",
+            f"run_dir={run}",
+            *sum((["--set", o] for o in TINY), []),
+        ]
+    )
+    assert rc == 0
+    return run
+
+
+def test_pretrain_writes_config_metrics_and_checkpoints(teacher):
+    cfg = load_config(teacher / "config.yaml")
+    assert cfg.model.dim == 32 and cfg.pretrain.steps == 4
+    lines = [json.loads(x) for x in (teacher / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert all(r["loss"] > 0 for r in lines)
+    assert (teacher / "checkpoints" / "step_000002.safetensors").is_file()
+    assert (teacher / "teacher.safetensors").is_file()
+
+
+def test_eval_on_prompt_file_writes_json_and_grid(teacher, tmp_path):
+    words = tmp_path / "words.txt"
+    words.write_text("CAT\nDOG\nQUIZ\n")
+    out = tmp_path / "ev" / "res.json"
+    rc = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(teacher / "teacher.safetensors"),
+            "--prompts",
+            str(words),
+            "--nfe",
+            "2",
+            "--cfg",
+            "2.0",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["n"] == 3 and 0.0 <= res["ocr_mean"] <= 1.0 and 0.0 <= res["ocr_exact"] <= 1.0
+    assert out.with_suffix(".png").is_file()
+
+
+@pytest.mark.parametrize(
+    "content, pattern", [(b"CAT\nd0g\n", "words.txt:2:"), (b"", "empty"), (b"\xff\n", ":1: not valid UTF-8")]
+)
+def test_eval_rejects_malformed_prompt_file(teacher, tmp_path, capsys, content, pattern):
+    words = tmp_path / "words.txt"
+    words.write_bytes(content)
+    rc = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(teacher / "teacher.safetensors"),
+            "--prompts",
+            str(words),
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    assert rc == 2
+    assert pattern in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_eval_refuses_truncated_and_foreign_checkpoints(teacher, tmp_path, capsys):
+    data = (teacher / "teacher.safetensors").read_bytes()
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(data[: len(data) // 2])
+    assert main(["eval", "--checkpoint", str(bad), "--out", str(tmp_path / "r.json")]) == 2
+    assert "truncated" in capsys.readouterr().err
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    assert main(["eval", "--checkpoint", str(foreign), "--out", str(tmp_path / "r.json")]) == 2
+    assert "not a tdm-r1 model checkpoint" in capsys.readouterr().err
+
+
+def test_sample_writes_png(teacher, tmp_path):
+    out = tmp_path / "s.png"
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(teacher / "teacher.safetensors"),
+                "CAT",
+                "HELLO",
+                "--nfe",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert out.stat().st_size > 0
+
+
+@pytest.mark.parametrize("command", ["pretrain", "eval", "sample"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([command, "--help"])
+    assert e.value.code == 0
+    assert "--config" in capsys.readouterr().out

@@ -1,0 +1,74 @@
+import pytest
+
+from tdm_r1.config import Config, ConfigError, load_config, save_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_values(tmp_path):
+    cfg = load_config(write(tmp_path, "seed: 7\nworld:\n  jitter_x: 3\npretrain:\n  lr: 1\n"))
+    assert isinstance(cfg, Config)
+    assert cfg.seed == 7 and cfg.world.jitter_x == 3
+    assert cfg.pretrain.lr == 1.0 and isinstance(cfg.pretrain.lr, float)  # int accepted for float
+    assert cfg.model.dim == 128  # untouched default
+
+
+def test_unknown_key_names_dotted_path_and_valid_keys(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "world:\n  colour: red\n"))
+    msg = str(e.value)
+    assert "world.colour" in msg and "jitter_x" in msg
+
+
+def test_unknown_top_level_section(tmp_path):
+    with pytest.raises(ConfigError, match="'pretrian'"):
+        load_config(write(tmp_path, "pretrian:\n  steps: 3\n"))
+
+
+@pytest.mark.parametrize(
+    "text, key, expected",
+    [
+        ("pretrain:\n  steps: 1.5\n", "pretrain.steps", "expected int"),
+        ("pretrain:\n  steps: true\n", "pretrain.steps", "expected int"),
+        ("world:\n  font_sizes: [12, big]\n", "world.font_sizes[1]", "expected int"),
+        ("world:\n  font_sizes: 12\n", "world.font_sizes", "expected a list"),
+        ("sample:\n  solver: heun\n", "sample.solver", "one of"),
+        ("world: 3\n", "world", "expected a mapping"),
+        ("run_dir: 5\n", "run_dir", "expected str"),
+    ],
+)
+def test_wrong_type_names_key_and_expected_type(tmp_path, text, key, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert key in str(e.value) and expected in str(e.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_set_overrides_parse_yaml_and_validate(tmp_path):
+    cfg = load_config(write(tmp_path, "seed: 1\n"), ["seed=3", "world.font_sizes=[10, 12]", "sample.cfg=4.5"])
+    assert cfg.seed == 3 and cfg.world.font_sizes == [10, 12] and cfg.sample.cfg == 4.5
+    with pytest.raises(ConfigError, match="world.nope"):
+        load_config(None, ["world.nope=1"])
+    with pytest.raises(ConfigError, match="pretrain.steps"):
+        load_config(None, ["pretrain.steps=abc"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["seed"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["seed=11", "world.jitter_y=2"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config(tmp_path / "run" / "config.yaml") == cfg
+
+
+def test_shipped_configs_load():
+    cfg = load_config("configs/toy_ocr_teacher.yaml")
+    assert cfg.world.name == "ocr"
