@@ -1,4 +1,4 @@
-"""`tdm-r1 <command>`: pretrain, sample, eval."""
+"""`tdm-r1 <command>`: pretrain, distill, sample, eval."""
 
 from __future__ import annotations
 
@@ -38,6 +38,20 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     _setup_threads(cfg)
     pretrain(cfg)
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from tdm_r1.checkpoint import read_model
+    from tdm_r1.config import to_dict
+    from tdm_r1.distill import distill
+
+    # The teacher checkpoint's model and world are the defaults; the YAML and --set override them.
+    first = load_config(args.config, args.overrides)
+    _, model_cfg, world_cfg, _ = read_model(first.roles.teacher)
+    cfg = load_config(args.config, args.overrides, base={"model": to_dict(model_cfg), "world": to_dict(world_cfg)})
+    _setup_threads(cfg)
+    distill(cfg, resume=args.resume)
     return 0
 
 
@@ -127,6 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p, required=True)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "distill",
+        help="TDM: distil the teacher into a few-step student",
+        description="Trajectory distribution matching (teacher -> K-step student). Writes config.yaml, "
+        "metrics.jsonl, training-state checkpoints, student.safetensors (EMA generator, loadable by "
+        "`tdm-r1 eval`), eval_student.json and summary.json into run_dir.",
+    )
+    _add_config_args(p, required=True)
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from a training-state checkpoint (default: the newest one under run_dir/checkpoints)",
+    )
+    p.set_defaults(func=cmd_distill)
 
     def add_sampling_args(p):
         p.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors)")

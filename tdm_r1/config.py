@@ -156,7 +156,7 @@ class DistillConfig:
     steps: int = 600  # generator optimizer steps
     batch_size: int = 32  # prompts (one rollout each) per step
     fake_updates: int = 1  # fake-score optimizer steps per generator step, each on a fresh rollout
-    log_every: int = 10
+    log_every: int = 1
     eval_every: int = 200  # held-out OCR of the EMA generator at K steps; 0 = only at the end
     eval_at_end: bool = True
     checkpoint_every: int = 200  # training-state checkpoints under <run_dir>/checkpoints; 0 = only at the end

@@ -129,7 +129,7 @@ def fake_score_backward(
     v_fake = fake.velocity(x_tau, tau, cond)
     loss, parts = fake_score_loss(x_tau, tau, x0_hat, v_fake, v_real, tcfg.fake_reg)
     (loss * scale).backward()
-    return {"loss_fake": float(loss), "fake_dsm": float(parts["dsm"].mean()), "fake_reg": float(parts["reg"].mean())}
+    return {"loss_fake": loss.item(), "fake_dsm": float(parts["dsm"].mean()), "fake_reg": float(parts["reg"].mean())}
 
 
 def generator_backward(
@@ -153,7 +153,7 @@ def generator_backward(
     )
     loss = per_sample.mean()
     (loss * scale).backward()
-    return {"loss_gen": float(loss), "gen_kl": float(terms[:, 0].mean()), "gen_cfg": float(terms[:, 1].mean())}
+    return {"loss_gen": loss.item(), "gen_kl": float(terms[:, 0].mean()), "gen_cfg": float(terms[:, 1].mean())}
 
 
 def draw_steps(k: int, m: int, gen: torch.Generator) -> list[int]:
@@ -273,7 +273,7 @@ def load_resume(path: Path, cfg: Config, progress: Progress, roles: Roles, opts:
     try:
         state, info = ckpt.read_train_state(path)
     except ckpt.CheckpointError as e:
-        older = [p for p in ckpt.list_train_states(path.parent) if p != path]
+        older = [p for p in sorted(path.parent.glob(ckpt.STATE_GLOB)) if p != path]
         hint = f"; the previous checkpoint {older[-1]} is intact: --resume {older[-1]}" if older else ""
         raise ckpt.CheckpointError(f"{e}{hint}") from e
     if info.get("command") != "distill":

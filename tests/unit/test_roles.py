@@ -1,0 +1,129 @@
+"""Model roles: adapter / copy wiring, gradient isolation, shadows, export."""
+
+import pytest
+import torch
+
+from tdm_r1.checkpoint import read_adapter, save_adapter
+from tdm_r1.config import Config, ModelConfig, RolesConfig, WorldConfig
+from tdm_r1.models.tiny_dit import build_tiny_dit
+from tdm_r1.roles import build_roles
+
+MODEL = ModelConfig(dim=32, depth=2, heads=2, text_layers=1)
+WORLD = WorldConfig(width=32)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    m = build_tiny_dit(MODEL, WORLD).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # the zero-initialised output layer would hide every other weight
+            p.add_(torch.randn_like(p) * 0.05)
+    return m.requires_grad_(False)
+
+
+@pytest.fixture
+def inputs(teacher):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 1, 16, 32, generator=g)
+    return x, torch.rand(3, generator=g), teacher.encode_prompts(["a", "bc", ""])
+
+
+def _perturb(params, scale=0.1):
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * scale)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_every_role_starts_at_the_teacher(mode, teacher, inputs):
+    roles = build_roles(RolesConfig(mode=mode), teacher)
+    v_t = teacher.velocity(*inputs)
+    assert set(roles.active()) == {"reference", "generator", "generator_ema", "fake", "surrogate", "slow_surrogate"}
+    for name, role in roles.active().items():
+        assert torch.allclose(role.velocity(*inputs), v_t, atol=1e-6), name
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("trained", ["generator", "fake", "surrogate"])
+def test_gradient_reaches_only_the_role_used(mode, trained, teacher, inputs):
+    roles = build_roles(RolesConfig(mode=mode), teacher)
+    if mode == "lora":  # lora_B starts at zero, which would block lora_A's gradient
+        _perturb([p for r in roles.active().values() for p in r.parameters()], 0.01)
+    roles.reference.velocity(*inputs)  # peft's disable_adapter toggles requires_grad; it must be restored
+    getattr(roles, trained).velocity(*inputs).square().mean().backward()
+    for name, role in roles.active().items():
+        for p in role.parameters():
+            if name == trained:
+                assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+            else:
+                assert p.grad is None, name
+    assert all(p.grad is None for p in teacher.parameters())
+    if mode == "lora":
+        base = [p for n, p in roles.host.model.named_parameters() if "lora_" not in n]
+        assert base and all(not p.requires_grad and p.grad is None for p in base)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_reference_ignores_trained_roles_and_teacher_is_untouched(mode, teacher, inputs):
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    roles = build_roles(RolesConfig(mode=mode), teacher)
+    _perturb(roles.generator.parameters())
+    _perturb(roles.fake.parameters())
+    v_t = teacher.velocity(*inputs)
+    assert torch.allclose(roles.reference.velocity(*inputs), v_t, atol=1e-6)
+    assert not torch.allclose(roles.generator.velocity(*inputs), v_t, atol=1e-3)
+    assert not torch.allclose(roles.generator.velocity(*inputs), roles.fake.velocity(*inputs), atol=1e-3)
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_shadow_ema_and_export(mode, teacher, inputs):
+    roles = build_roles(RolesConfig(mode=mode), teacher, surrogate=False)
+    assert roles.surrogate is None and roles.slow_surrogate is None
+    _perturb(roles.generator.parameters())
+    gen, ema = roles.generator.parameters(), roles.generator_ema.parameters()
+    old = [p.clone() for p in ema]
+    roles.update_shadow("generator_ema", 0.75)
+    for o, e, g in zip(old, ema, gen):
+        assert torch.allclose(e, 0.75 * o + 0.25 * g)
+    roles.update_shadow("generator_ema", 0.0)
+    model = build_tiny_dit(MODEL, WORLD).eval()
+    model.load_state_dict(roles.export("generator_ema"))
+    assert torch.allclose(model.velocity(*inputs), roles.generator.velocity(*inputs), atol=1e-5)
+
+
+def test_state_tensors_round_trip_and_mismatch(teacher, inputs):
+    a = build_roles(RolesConfig(), teacher, surrogate=False)
+    _perturb([p for r in a.active().values() for p in r.parameters()])
+    b = build_roles(RolesConfig(), teacher, surrogate=False)
+    b.load_state_tensors(a.state_tensors())
+    assert torch.equal(a.fake.velocity(*inputs), b.fake.velocity(*inputs))
+    with pytest.raises(KeyError, match="missing"):
+        build_roles(RolesConfig(), teacher).load_state_tensors(a.state_tensors())
+    with pytest.raises(KeyError, match="missing"):
+        build_roles(RolesConfig(mode="full"), teacher, surrogate=False).load_state_tensors(a.state_tensors())
+
+
+def test_lora_generator_starts_from_saved_adapter(teacher, inputs, tmp_path):
+    cfg = Config(model=MODEL, world=WORLD)
+    a = build_roles(cfg.roles, teacher, surrogate=False)
+    _perturb(a.generator.parameters())
+    a.update_shadow("generator_ema", 0.0)
+    save_adapter(tmp_path / "ad.safetensors", a.adapter_tensors("generator_ema"), cfg)
+    b = build_roles(cfg.roles, teacher, generator_init=read_adapter(tmp_path / "ad.safetensors", cfg.roles))
+    assert torch.equal(b.generator.velocity(*inputs), a.generator.velocity(*inputs))
+    assert torch.equal(b.generator_ema.velocity(*inputs), a.generator.velocity(*inputs))
+    assert torch.allclose(b.fake.velocity(*inputs), teacher.velocity(*inputs), atol=1e-6)
+    with pytest.raises(Exception, match="lora settings"):
+        read_adapter(tmp_path / "ad.safetensors", RolesConfig(lora_rank=8))
+
+
+def test_full_generator_starts_from_given_model(teacher, inputs):
+    student = build_tiny_dit(MODEL, WORLD).eval()
+    roles = build_roles(RolesConfig(mode="full"), teacher, generator_init=student)
+    assert torch.equal(roles.generator.velocity(*inputs), student.velocity(*inputs))
+    assert torch.equal(roles.generator_ema.velocity(*inputs), student.velocity(*inputs))
+    assert torch.allclose(roles.fake.velocity(*inputs), teacher.velocity(*inputs))
+    with pytest.raises(TypeError):
+        build_roles(RolesConfig(mode="lora"), teacher, generator_init=student)
