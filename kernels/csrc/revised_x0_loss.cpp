@@ -13,26 +13,29 @@ void sums_rows(const T* __restrict__ x0, const T* __restrict__ tk, const T* __re
   std::vector<double> parts(B * chunks_per_row(D) * kSums, 0.0);
   for_each_chunk(B, D, [&](int64_t c, int64_t r, int64_t j0, int64_t j1) {
     const int64_t lo = r * D + j0, hi = r * D + j1;
-    float a_real = 0.f, a_sur = 0.f, q_kl = 0.f, q_cfg = 0.f, q_rew = 0.f;
-#pragma omp simd reduction(+ : a_real, a_sur, q_kl, q_cfg, q_rew)
-    for (int64_t j = lo; j < hi; ++j) {
-      const float x = static_cast<float>(x0[j]);
-      const float dk = x - static_cast<float>(tk[j]), dc = x - static_cast<float>(tc[j]);
-      a_real += std::abs(x - static_cast<float>(rr[j]));
-      q_kl += dk * dk;
-      q_cfg += dc * dc;
-      if constexpr (kRew) {
-        const float dr = x - static_cast<float>(tr[j]);
-        a_sur += std::abs(x - static_cast<float>(rs[j]));
-        q_rew += dr * dr;
-      }
-    }
     double* p = &parts[c * kSums];
-    p[0] = a_real;
-    p[1] = a_sur;
-    p[2] = q_kl;
-    p[3] = q_cfg;
-    p[4] = q_rew;
+    for (int64_t k0 = lo; k0 < hi; k0 += kSub) {
+      const int64_t k1 = std::min(hi, k0 + kSub);
+      float a_real = 0.f, a_sur = 0.f, q_kl = 0.f, q_cfg = 0.f, q_rew = 0.f;
+#pragma omp simd reduction(+ : a_real, a_sur, q_kl, q_cfg, q_rew)
+      for (int64_t j = k0; j < k1; ++j) {
+        const float x = static_cast<float>(x0[j]);
+        const float dk = x - static_cast<float>(tk[j]), dc = x - static_cast<float>(tc[j]);
+        a_real += std::abs(x - static_cast<float>(rr[j]));
+        q_kl += dk * dk;
+        q_cfg += dc * dc;
+        if constexpr (kRew) {
+          const float dr = x - static_cast<float>(tr[j]);
+          a_sur += std::abs(x - static_cast<float>(rs[j]));
+          q_rew += dr * dr;
+        }
+      }
+      p[0] += a_real;
+      p[1] += a_sur;
+      p[2] += q_kl;
+      p[3] += q_cfg;
+      p[4] += q_rew;
+    }
   });
   sum_row_partials(parts, B, D, kSums, out);
 }

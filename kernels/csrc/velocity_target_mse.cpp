@@ -12,14 +12,19 @@ void sq_sum_rows(const T* __restrict__ x, const T* __restrict__ noise, const T* 
   for_each_chunk(B, D, [&](int64_t c, int64_t r, int64_t j0, int64_t j1) {
     const float ax = cx[r], an = cn[r];
     const int64_t lo = r * D + j0, hi = r * D + j1;
-    float acc = 0.f;
+    double total = 0.0;
+    for (int64_t k0 = lo; k0 < hi; k0 += kSub) {
+      const int64_t k1 = std::min(hi, k0 + kSub);
+      float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t j = lo; j < hi; ++j) {
-      const float d = ax * static_cast<float>(x[j]) + an * static_cast<float>(noise[j]) -
-                      static_cast<float>(v_pred[j]);
-      acc += d * d;
+      for (int64_t j = k0; j < k1; ++j) {
+        const float d = ax * static_cast<float>(x[j]) + an * static_cast<float>(noise[j]) -
+                        static_cast<float>(v_pred[j]);
+        acc += d * d;
+      }
+      total += acc;
     }
-    parts[c] = acc;
+    parts[c] = total;
   });
   sum_row_partials(parts, B, D, 1, out);
 }
