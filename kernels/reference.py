@@ -271,9 +271,11 @@ def group_preference_weights_ref(
     ratio = torch.exp(lo - lf)
     pos = A > 0
     ppo = torch.where(pos, ratio > 1 + clip, ratio < 1 - clip)
-    active = False if ref_div is None else bool(torch.as_tensor(ref_div).float() > ref_div_threshold)
     moved = torch.where(pos, lf < lr, lf > lr)
-    ref = moved & active
+    if ref_div is None:
+        ref = torch.zeros_like(moved)
+    else:  # a tensor comparison, not a python bool: no host sync for device tensors
+        ref = moved & (torch.as_tensor(ref_div, device=lf.device).float().reshape(()) > ref_div_threshold)
     return w, ppo, ref
 
 
