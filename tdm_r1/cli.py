@@ -1,4 +1,4 @@
-"""`tdm-r1 <command>`: pretrain, distill, sample, eval."""
+"""`tdm-r1 <command>`: pretrain, distill, train, report, sample, eval."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 from tdm_r1.checkpoint import CheckpointError
 from tdm_r1.config import Config, ConfigError, load_config
+from tdm_r1.rewards.base import RewardFailureError
 from tdm_r1.worlds.ocr import PromptFileError
 
 
@@ -52,6 +53,39 @@ def cmd_distill(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, base={"model": to_dict(model_cfg), "world": to_dict(world_cfg)})
     _setup_threads(cfg)
     distill(cfg, resume=args.resume)
+    return 0
+
+
+def _config_from_teacher(args: argparse.Namespace) -> Config:
+    """The teacher checkpoint's model and world are the defaults; the YAML and --set override them."""
+    from tdm_r1.checkpoint import read_model
+    from tdm_r1.config import to_dict
+
+    first = load_config(args.config, args.overrides)
+    _, model_cfg, world_cfg, _ = read_model(first.roles.teacher)
+    return load_config(args.config, args.overrides, base={"model": to_dict(model_cfg), "world": to_dict(world_cfg)})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tdm_r1.trainer import train
+
+    cfg = _config_from_teacher(args)
+    _setup_threads(cfg)
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tdm_r1.report import write_report
+
+    ablations = {}
+    for item in args.ablation:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--ablation expects NAME=RUN_DIR, got {item!r}")
+        ablations[name] = path
+    out = write_report(args.run, ablations)
+    print(f"report: wrote {out}")
     return 0
 
 
@@ -160,6 +194,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_distill)
 
+    p = sub.add_parser(
+        "train",
+        help="TDM-R1: improve a few-step generator with a non-differentiable reward",
+        description="The TDM-R1 epoch: grouped rollouts, rewards, group advantages, then fake score, surrogate "
+        "reward (group preference) and generator updates. Writes config.yaml, metrics.jsonl, tensorboard/, "
+        "training-state checkpoints, generator.safetensors (EMA generator, loadable by `tdm-r1 eval`), "
+        "summary.json, report.md, reward_curve.png and same-seed sample grids into run_dir.",
+    )
+    _add_config_args(p, required=True)
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from a training-state checkpoint (default: the newest one under run_dir/checkpoints)",
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "report",
+        help="rewrite a train run's report.md, adding ablation runs as rows",
+        description="Reads RUN/summary.json and RUN/metrics.jsonl (and each ablation's summary.json) and "
+        "writes RUN/report.md and RUN/reward_curve.png.",
+    )
+    p.add_argument("--run", required=True, help="run directory of the main `tdm-r1 train` run")
+    p.add_argument(
+        "--ablation",
+        action="append",
+        default=[],
+        metavar="NAME=RUN_DIR",
+        help="another train run to list as an ablation row (repeatable)",
+    )
+    p.set_defaults(func=cmd_report)
+
     def add_sampling_args(p):
         p.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors)")
         _add_config_args(p, required=False)
@@ -197,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, PromptFileError) as e:
+    except (ConfigError, CheckpointError, PromptFileError, RewardFailureError, FileNotFoundError) as e:
         print(f"tdm-r1 {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -46,7 +46,9 @@ class WorldConfig:
 
 @dataclass
 class ModelConfig:
-    kind: Literal["tiny_dit"] = "tiny_dit"
+    # tiny_dit: the embedded pixel-space model (the fields below). sd3 / zimage: a diffusers folder, configured
+    # in the `diffusers:` section (the tiny_dit fields are then unused).
+    kind: Literal["tiny_dit", "sd3", "zimage"] = "tiny_dit"
     dim: int = 128
     depth: int = 6
     heads: int = 4
@@ -164,6 +166,80 @@ class DistillConfig:
 
 
 @dataclass
+class DiffusersConfig:
+    """Diffusers models (model.kind sd3 / zimage): where the weights are and how they run (tdm_r1/models/sd3.py,
+    zimage.py)."""
+
+    # Local diffusers folder (model_index.json + component subfolders), e.g. a `huggingface-cli download
+    # stabilityai/stable-diffusion-3.5-medium --local-dir ...` copy. Loading never touches the network.
+    path: str = ""
+    height: int = 512  # image size trained and sampled; latents are height / 8 x width / 8
+    width: int = 512
+    # Compute dtype of every forward pass; the frozen text encoders and VAE are stored in it.
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # Keep the transformer's parameters (and so LoRA / full-mode trainable weights) in fp32 and run the forward
+    # under autocast(dtype). Off: parameters stored in `dtype`. Under DeepSpeed bf16 the engine keeps its own fp32
+    # master copy in the optimizer, so leave this off there.
+    master_weights_fp32: bool = False
+    # flash (flash-attn package) / xformers / sdpa (PyTorch). A missing package or no CUDA device falls back to
+    # sdpa with a logged warning, decided once at load time.
+    attention_backend: Literal["sdpa", "flash", "xformers"] = "sdpa"
+    gradient_checkpointing: bool = True  # transformer blocks recompute activations in the backward
+    # Text-encoder tokens per prompt; 0 = the pipeline's default (SD3: 256 T5 tokens, Z-Image: 512).
+    max_sequence_length: int = 0
+    # Encoded prompts kept in host memory (least recently used evicted; 0 = unbounded). One SD3 prompt is
+    # 333 x 4096 bf16 values (2.7 MB), one Z-Image prompt 512 x 2560 (2.6 MB).
+    prompt_cache_size: int = 1024
+    encode_batch_size: int = 32  # prompts per text-encoder forward
+    # Move the text encoders to the CPU after each encode_prompts call that ran them (and back on the next).
+    offload_text_encoders: bool = True
+    vae_decode_chunk: int = 8  # latents per VAE decode call
+    lora_include_mlp: bool = False  # LoRA on the MLP projections as well as attention (models/lora.py)
+
+
+@dataclass
+class RewardTermConfig:
+    name: str = "ocr"  # a registered reward (tdm_r1.rewards)
+    weight: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """`tdm-r1 train`: the TDM-R1 epoch (DESIGN section 5); TDM constants live in `tdm:`."""
+
+    epochs: int = 100
+    prompts_per_epoch: int = 16  # P
+    group_size: int = 8  # G samples per prompt
+    micro_batch_groups: int = 4  # whole prompt groups per stored micro-batch
+    optimizer_steps_per_epoch: int = 1  # gradients accumulate over the epoch by default
+    rewards: list[RewardTermConfig] = field(default_factory=lambda: [RewardTermConfig()])
+    max_reward_failure: float = 0.2  # fraction of NaN rewards in an epoch that stops the run (after a checkpoint)
+    adv_eps: float = 1e-4  # A = (r - group mean) / (epoch std + adv_eps)
+    adv_clip: float = 5.0
+    beta_dpo: float = 10.0  # group score S_g = sum A_i beta_dpo (l_i - l_ref_i) / G
+    ppo_clip: float = 1e-3  # c of the PPO-style gate on exp(l_old - l)
+    ref_gate_threshold: float = 0.05  # reference gate: batch mean (v_sur - v_ref)^2 above this
+    surrogate_beta: float = 1e-3  # weight of mean (v_sur - v_ref)^2 in the surrogate loss
+    t_min_surrogate: float = 0.3  # surrogate training: tau above max(s_{k+1}, t_min)
+    t_min_generator: float = 0.3  # learned-reward target: tau' above max(s_{j+1}, t_min)
+    # Reference of the surrogate's likelihood ratio: the frozen teacher (reference release) or the
+    # surrogate's own slow EMA (paper variant).
+    surrogate_reference: Literal["teacher", "ema"] = "teacher"
+    # Ablation: direct_rl trains the generator with an advantage-weighted denoising loss instead of the
+    # learned reward (what the paper shows failing).
+    generator_loss: Literal["tdm_r1", "direct_rl"] = "tdm_r1"
+    eta: float = 0.0  # ablation: stochastic rollouts (eta = 1 re-noises fully at every step)
+    slow_decay_base: float = 0.001  # slow surrogate EMA decay = min(max, base + rate * epoch)
+    slow_decay_rate: float = 0.001
+    slow_decay_max: float = 0.3
+    eval_every: int = 10  # held-out OCR of the EMA generator (4 NFE); 0 = only at the end
+    eval_baselines: bool = True  # teacher (32 NFE + CFG, 4 NFE) and starting generator, cached per run
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -178,6 +254,8 @@ class Config:
     tdm: TDMConfig = field(default_factory=TDMConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    diffusers: DiffusersConfig = field(default_factory=DiffusersConfig)
 
 
 def _type_name(tp: Any) -> str:

@@ -248,8 +248,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resume_config(saved: dict, current: dict, path: Path) -> None:
-    allowed = lambda k: any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUMABLE_CHANGES)
+def check_resume_config(saved: dict, current: dict, path: Path, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -> None:
+    allowed = lambda k: any(k == p or (p.endswith(".") and k.startswith(p)) for p in resumable)
     a, b = _flat(saved), _flat(current)
     diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not allowed(k)]
     if diff:
@@ -269,18 +269,27 @@ def resolve_resume(resume: str, run_dir: Path) -> Path:
     return states[-1]
 
 
-def load_resume(path: Path, cfg: Config, progress: Progress, roles: Roles, opts: dict, teacher_sha: str) -> None:
+def load_resume(
+    path: Path,
+    cfg: Config,
+    progress: Progress,
+    roles: Roles,
+    opts: dict,
+    teacher_sha: str,
+    command: str = "distill",
+    resumable: tuple[str, ...] = RESUMABLE_CHANGES,
+) -> None:
     try:
         state, info = ckpt.read_train_state(path)
     except ckpt.CheckpointError as e:
         older = [p for p in sorted(path.parent.glob(ckpt.STATE_GLOB)) if p != path]
         hint = f"; the previous checkpoint {older[-1]} is intact: --resume {older[-1]}" if older else ""
         raise ckpt.CheckpointError(f"{e}{hint}") from e
-    if info.get("command") != "distill":
-        raise ckpt.CheckpointError(f"{path} was written by {info.get('command')!r}, not by distill")
+    if info.get("command") != command:
+        raise ckpt.CheckpointError(f"{path} was written by {info.get('command')!r}, not by {command}")
     if info.get("teacher_sha256") != teacher_sha:
         raise ckpt.CheckpointError(f"{path} was trained against a different teacher than {cfg.roles.teacher}")
-    check_resume_config(info["config"], to_dict(cfg), path)
+    check_resume_config(info["config"], to_dict(cfg), path, resumable)
     try:
         restore_state(state, progress, roles, opts)
     except (KeyError, ValueError) as e:
@@ -295,11 +304,11 @@ def save_checkpoint(cfg: Config, progress: Progress, roles: Roles, opts: dict, t
     return path
 
 
-def _truncate_log(path: Path, step: int) -> None:
+def _truncate_log(path: Path, step: int, key: str = "step") -> None:
     """Drop records logged after the resumed step (a run stopped after its last checkpoint)."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get(key, 0) <= step]
     path.write_text("".join(ln + "\n" for ln in keep))
 
 

@@ -145,3 +145,67 @@ def generator_targets(
         out["target_reward"] = x0_hat + (x0_sur_cfg - x0_ref)
         out["ref_reward"] = x0_sur_cfg
     return out
+
+
+# -- TDM-R1 surrogate reward (DESIGN section 5.4b) ----------------------------------------------------
+
+
+def surrogate_velocity_target(x: Tensor, noise: Tensor, s: Tensor, tau: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """v* = -x/(1 - s) + (n/b)(tau + s^2 a/(1 - s)) for x_tau = a x + b n re-noised from the stored state
+    x at s (= eps - x0 at s = 0). It is the velocity of x_tau along the flow through the trajectory."""
+    one_m_s = _bcast(1.0 - s, x)
+    return -x / one_m_s + noise / _bcast(b, x) * (_bcast(tau, x) + _bcast(s * s * a, x) / one_m_s)
+
+
+def velocity_target_mse(
+    x: Tensor, noise: Tensor, s: Tensor, tau: Tensor, a: Tensor, b: Tensor, v_pred: Tensor
+) -> Tensor:
+    """Per-sample mean (v* - v_pred)^2 [B] (the plain-torch form of the fused `velocity_target_mse`)."""
+    v_star = surrogate_velocity_target(x.float(), noise.float(), s, tau, a, b)
+    return _per_sample_mean((v_star.detach() - v_pred.float()).square())
+
+
+def group_preference(
+    l: Tensor,
+    l_ref: Tensor,
+    l_old: Tensor,
+    adv: Tensor,
+    group_ids: Tensor,
+    group_size: int,
+    beta_dpo: float,
+    clip: float,
+    ref_drift: Tensor,
+    ref_drift_max: float,
+    group_score_sum=None,
+) -> dict[str, Tensor]:
+    """Group weights and gates of the surrogate loss, all detached.
+
+    S_g = sum_{i in g} A_i beta_dpo (l_i - l_ref_i) / G (summed across ranks by `group_score_sum`, a
+    callable on the [n_groups] partial sums), w_g = sigmoid(S_g). PPO gate (ratio = exp(l_old - l)):
+    drop i when (A_i > 0 and ratio > 1 + c) or (A_i <= 0 and ratio < 1 - c). Reference gate: when the
+    batch mean (v_sur - v_ref)^2 (`ref_drift`) exceeds `ref_drift_max`, drop samples that already moved
+    past the reference in their advantage direction (A > 0 and l < l_ref, or A <= 0 and l > l_ref).
+    Returns {"weight" [B], "keep" [B] bool, "ppo_gate" [B] bool, "ref_gate" [B] bool, "score" [B]}.
+    """
+    l, l_ref, l_old, adv = l.detach().float(), l_ref.detach().float(), l_old.detach().float(), adv.float()
+    groups = group_ids.long()
+    n_groups = int(groups.max()) + 1
+    partial = torch.zeros(n_groups, dtype=torch.float32, device=l.device)
+    partial.index_add_(0, groups, adv * beta_dpo * (l - l_ref) / group_size)
+    scores = group_score_sum(partial) if group_score_sum is not None else partial
+    weight = torch.sigmoid(scores)[groups]
+    ratio = torch.exp(l_old - l)
+    pos = adv > 0
+    ppo_gate = (pos & (ratio > 1.0 + clip)) | (~pos & (ratio < 1.0 - clip))
+    moved_past = (pos & (l < l_ref)) | (~pos & (l > l_ref))
+    ref_gate = moved_past & (ref_drift.detach() > ref_drift_max)
+    keep = ~(ppo_gate | ref_gate)
+    return {"weight": weight, "keep": keep, "ppo_gate": ppo_gate, "ref_gate": ref_gate, "score": scores[groups]}
+
+
+def surrogate_loss(
+    l_with_grad: Tensor, adv: Tensor, pref: dict[str, Tensor], drift: Tensor, beta: float, time_weight: float
+) -> Tensor:
+    """tw * (mean_i(w_g(i) * A_i * l_i * keep_i) + beta * mean (v_sur - v_ref)^2)."""
+    per = pref["weight"] * adv.float() * l_with_grad * pref["keep"].float()
+    return time_weight * (per.mean() + beta * drift)

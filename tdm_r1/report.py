@@ -41,3 +41,123 @@ def save_grid(images: torch.Tensor, path: str | Path, cols: int = 8, scale: int 
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+
+
+ROWS = [
+    ("teacher_32nfe_cfg", "Teacher, 32 NFE + CFG"),
+    ("teacher_4nfe", "Teacher, 4 NFE (Euler)"),
+    ("tdm_4nfe", "TDM student, 4 NFE"),
+    ("tdm_r1_4nfe", "TDM-R1, 4 NFE"),
+]
+
+
+def plot_curves(metrics: list[dict], path: str | Path) -> None:
+    """Reward (train rollouts) and held-out OCR per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ep = [m["epoch"] for m in metrics]
+    ax.plot(ep, [m["reward_mean"] for m in metrics], label="train reward (rollouts)", lw=1)
+    ev = [(m["epoch"], m["heldout_ocr_mean"]) for m in metrics if "heldout_ocr_mean" in m]
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="held-out OCR (EMA, 4 NFE)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("OCR score")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report_markdown(summary: dict, ablations: dict[str, dict] | None = None, title: str = "TDM-R1 run") -> str:
+    lines = [
+        f"# {title}",
+        "",
+        "Held-out words, one sample per word, OCR (rapidocr) score.",
+        "",
+        "| model | ocr_mean | ocr_exact | n |",
+        "|---|---|---|---|",
+    ]
+    for key, name in ROWS:
+        if key in summary:
+            r = summary[key]
+            lines.append(f"| {name} | {r['ocr_mean']:.3f} | {r['ocr_exact']:.3f} | {r['n']} |")
+    for name, s in (ablations or {}).items():
+        r = s["tdm_r1_4nfe"]
+        lines.append(f"| ablation: {name}, 4 NFE | {r['ocr_mean']:.3f} | {r['ocr_exact']:.3f} | {r['n']} |")
+    lines += [
+        "",
+        f"Epochs: {summary.get('epochs')}; wall-clock: {summary.get('minutes')} min; "
+        f"checkpoint: `{summary.get('checkpoint')}`",
+        "",
+        "![reward curve](reward_curve.png)",
+        "",
+        "Start (same seed): ![start](samples_start.png)",
+        "",
+        "End: ![end](samples_end.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+class RunReporter:
+    """Per-epoch JSONL (+ TensorBoard when available), sample grids, reward curve and report.md."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+        self.run = Path(run_dir)
+        self.jsonl = JsonlLogger(self.run / "metrics.jsonl")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.run / "tensorboard"))
+            except ImportError:
+                import logging
+
+                logging.getLogger(__name__).warning("tensorboard is not installed; logging JSONL only")
+
+    def log(self, record: dict, step: int) -> None:
+        self.jsonl.log(record)
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.tb.add_scalar(k, v, step)
+
+    def grid(self, images: torch.Tensor, name: str, n: int = 64) -> None:
+        save_grid(images[:n], self.run / name, cols=8)
+
+    def finish(self, summary: dict, ablations: dict[str, dict] | None = None) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        metrics = [json.loads(x) for x in (self.run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        if metrics:
+            plot_curves(metrics, self.run / "reward_curve.png")
+        (self.run / "report.md").write_text(report_markdown(summary, ablations))
+
+
+def write_report(run_dir: str | Path, ablations: dict[str, str | Path] | None = None) -> Path:
+    """Regenerate report.md and reward_curve.png of a finished train run, with ablation rows."""
+    run = Path(run_dir)
+    summary_path = run / "summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{summary_path} not found: is {run} a finished `tdm-r1 train` run?")
+    summary = json.loads(summary_path.read_text())
+    abl = {}
+    for name, path in (ablations or {}).items():
+        p = Path(path) / "summary.json"
+        if not p.is_file():
+            raise FileNotFoundError(f"ablation {name!r}: {p} not found")
+        abl[name] = json.loads(p.read_text())
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    if metrics:
+        plot_curves(metrics, run / "reward_curve.png")
+    out = run / "report.md"
+    out.write_text(report_markdown(summary, abl))
+    return out

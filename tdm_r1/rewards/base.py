@@ -13,6 +13,10 @@ from typing import Any, Protocol
 import torch
 
 
+class RewardFailureError(RuntimeError):
+    """Too many samples of an epoch could not be scored; the run stops after a checkpoint."""
+
+
 class Reward(Protocol):
     name: str
 
@@ -35,6 +39,7 @@ def register_reward(name: str) -> Callable:
 def build_reward(name: str, **kwargs: Any) -> Reward:
     if name not in _REGISTRY:
         import tdm_r1.rewards.ocr  # noqa: F401  (registers the built-ins)
+        import tdm_r1.rewards.simple  # noqa: F401
     if name not in _REGISTRY:
         raise ValueError(f"unknown reward {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](**kwargs)

@@ -113,5 +113,5 @@ class OCRReward:
 
 
 @register_reward("ocr")
-def build_ocr_reward(cfg: RewardConfig | None = None, word_of=None) -> OCRReward:
+def build_ocr_reward(cfg: RewardConfig | None = None, word_of=None, **_) -> OCRReward:
     return OCRReward(cfg, word_of)

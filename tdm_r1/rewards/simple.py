@@ -1,0 +1,27 @@
+"""Cheap built-in rewards: plain Python functions of pixels, non-differentiable by construction.
+
+`dark_fraction`: fraction of pixels darker than 0.5 (luma), a stand-in for counting ink. Useful as a
+fast reward for tests and as the template for wrapping any Python function as a reward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tdm_r1.rewards.base import register_reward
+
+
+class DarkFraction:
+    name = "dark_fraction"
+
+    def __init__(self, threshold: float = 0.5):
+        self.threshold = threshold
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
+        luma = 0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]
+        return (luma < self.threshold).float().flatten(1).mean(1)
+
+
+@register_reward("dark_fraction")
+def build_dark_fraction(cfg=None, word_of=None, **_) -> DarkFraction:
+    return DarkFraction()
