@@ -194,7 +194,6 @@ class DiffusersConfig:
     # Move the text encoders to the CPU after each encode_prompts call that ran them (and back on the next).
     offload_text_encoders: bool = True
     vae_decode_chunk: int = 8  # latents per VAE decode call
-    lora_include_mlp: bool = False  # LoRA on the MLP projections as well as attention (models/lora.py)
 
 
 @dataclass

@@ -1,0 +1,162 @@
+"""Export a trained generator into a diffusers pipeline folder that `DiffusionPipeline.from_pretrained` loads.
+
+The folder is the source folder with three things changed: the transformer (the generator's weights, LoRA merged
+into them), or the original transformer plus `pytorch_lora_weights.safetensors` (for `pipe.load_lora_weights`);
+the scheduler config (shift = the student's, no dynamic shifting); and `tdm_r1_export.json`, which records the
+pipeline call that reproduces the few-step sampler (`sigmas` are the pre-shift points u = 1, (K-1)/K, ..., 1/K,
+which the scheduler shifts; no CFG).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from tdm_r1.models.diffusers_common import DiffusersFlowModel
+
+EXPORT_INFO = "tdm_r1_export.json"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_PREFIXES = ("base_model.model.", "transformer.")
+
+
+def _strip(key: str) -> str:
+    for p in _PREFIXES:
+        if key.startswith(p):
+            key = key[len(p) :]
+    return key
+
+
+def split_lora(tensors: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """LoRA tensors keyed `[transformer.]<module>.lora_A[.<adapter>].weight` (Roles.adapter_tensors, peft state
+    dicts) -> {module inside the transformer: (A [r, in], B [out, r])}."""
+    parts: dict[str, dict[str, Tensor]] = {}
+    for k, v in tensors.items():
+        m = _LORA_KEY.match(_strip(k))
+        if m is None:
+            raise KeyError(f"{k!r} is not a LoRA weight (expected <module>.lora_A.weight / <module>.lora_B.weight)")
+        parts.setdefault(m["module"], {})[m["ab"]] = v
+    incomplete = sorted(mod for mod, ab in parts.items() if set(ab) != {"A", "B"})
+    if incomplete:
+        raise KeyError(f"LoRA modules without both lora_A and lora_B: {incomplete[:4]}")
+    return {mod: (ab["A"], ab["B"]) for mod, ab in parts.items()}
+
+
+@torch.no_grad()
+def merge_lora_into(transformer: torch.nn.Module, lora: dict[str, tuple[Tensor, Tensor]], alpha: float) -> None:
+    """W <- W + (alpha / r) B A for every LoRA module, computed in fp32 (peft's scaling without rsLoRA)."""
+    for name, (a, b) in lora.items():
+        weight = transformer.get_submodule(name).weight
+        delta = (alpha / a.shape[0]) * (b.float() @ a.float())
+        weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+
+
+def export_diffusers_pipeline(
+    adapter: DiffusersFlowModel,
+    generator_state_or_lora: dict[str, Tensor],
+    out_dir: str | Path,
+    merge_lora: bool = True,
+    *,
+    lora_alpha: float | None = None,
+    steps: int = 4,
+    shift: float = 3.0,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a diffusers pipeline folder for the generator.
+
+    generator_state_or_lora: the generator's full transformer state dict (full mode, e.g. Roles.export; keys with or
+    without the `transformer.` prefix) or its LoRA tensors (lora mode, Roles.adapter_tensors), detected from the keys.
+    merge_lora: LoRA merged into the transformer weights, or kept as `pytorch_lora_weights.safetensors` beside the
+    unchanged transformer. lora_alpha: required for LoRA tensors (the rank is read from their shapes).
+    dtype: weights dtype of the written transformer (default: the adapter's compute dtype).
+    The folder is built next to out_dir and renamed into place, so a failed export leaves no half-written folder.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
+    is_lora = any("lora_" in k for k in generator_state_or_lora)
+    lora = split_lora(generator_state_or_lora) if is_lora else None
+    if lora is not None and lora_alpha is None:
+        raise ValueError("exporting LoRA tensors needs lora_alpha (roles.lora_alpha)")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _copy_frozen(adapter.source, tmp)
+        _write_transformer(adapter, generator_state_or_lora, lora, lora_alpha, merge_lora, tmp, dtype)
+        _write_scheduler(adapter, shift, tmp)
+        _write_info(adapter, lora, lora_alpha, merge_lora, steps, shift, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _copy_frozen(source: Path, dst: Path) -> None:
+    """Every component except transformer and scheduler, as is (hidden download caches skipped)."""
+    for entry in source.iterdir():
+        if entry.name in ("transformer", "scheduler") or entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, dst / entry.name)
+        else:
+            shutil.copy2(entry, dst / entry.name)
+
+
+def _write_transformer(adapter, state, lora, alpha, merge_lora, dst: Path, dtype) -> None:
+    if lora is not None and not merge_lora:
+        shutil.copytree(adapter.source / "transformer", dst / "transformer")
+        ranks = {a.shape[0] for a, _ in lora.values()}
+        if len(ranks) != 1:
+            raise ValueError(f"LoRA modules have different ranks {sorted(ranks)}; keep-adapter export needs one")
+        layers = {}
+        for name, (a, b) in lora.items():
+            layers[f"{name}.lora_A.weight"] = a.detach().cpu().contiguous()
+            layers[f"{name}.lora_B.weight"] = b.detach().cpu().contiguous()
+        meta = {"r": ranks.pop(), "lora_alpha": alpha, "target_modules": sorted(lora)}
+        type(adapter.frozen.pipe).save_lora_weights(
+            dst, transformer_lora_layers=layers, transformer_lora_adapter_metadata=meta, weight_name=LORA_FILE
+        )
+        return
+    cls = type(adapter.transformer)
+    transformer = cls.from_pretrained(
+        adapter.source, subfolder="transformer", dtype=torch.float32, local_files_only=True
+    )
+    if lora is not None:
+        merge_lora_into(transformer, lora, alpha)
+    else:
+        clean = {_strip(k): v for k, v in state.items()}
+        transformer.load_state_dict(clean, strict=True)
+    target = dtype or adapter.compute_dtype
+    if target != torch.float32:
+        transformer = transformer.to(target)
+    transformer.save_pretrained(dst / "transformer", safe_serialization=True)
+
+
+def _write_scheduler(adapter, shift: float, dst: Path) -> None:
+    sched = adapter.frozen.pipe.scheduler
+    type(sched).from_config(sched.config, shift=shift, use_dynamic_shifting=False).save_pretrained(dst / "scheduler")
+
+
+def _write_info(adapter, lora, alpha, merge_lora, steps: int, shift: float, dst: Path) -> None:
+    sigmas = [1.0 - i / steps for i in range(steps)]  # pre-shift u points; the scheduler applies `shift`
+    # Z-Image guides with pos + g (pos - neg) and turns CFG off at g = 0; SD3 guides with neg + g (pos - neg), off at 1.
+    guidance = 0.0 if adapter.kind == "zimage" else 1.0
+    info = {
+        "model_kind": adapter.kind,
+        "source": str(adapter.source),
+        "lora": None if lora is None else ("merged" if merge_lora else LORA_FILE),
+        "lora_alpha": alpha,
+        "shift": shift,
+        "pipeline_call": {"num_inference_steps": steps, "sigmas": sigmas, "guidance_scale": guidance},
+    }
+    (dst / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,90 @@
+"""Export round trip: a trained generator (LoRA merged, LoRA kept as an adapter file, or full weights) written as a
+diffusers folder that DiffusionPipeline.from_pretrained loads and samples from, giving our sampler's images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import HEIGHT, PROMPTS, WIDTH, tiny_cfg
+
+from tdm_r1.config import RolesConfig
+from tdm_r1.models.export import EXPORT_INFO, LORA_FILE, export_diffusers_pipeline, split_lora
+from tdm_r1.models.lora import lora_target_regex
+from tdm_r1.roles import build_roles
+from tdm_r1.sampling import rollout
+
+SHIFT = 2.0  # not the tiny folders' scheduler shift (3.0): the export must rewrite the scheduler
+ALPHA = 8.0
+# LoRA applied on the fly vs merged into the weights, and pipeline vs our loop: fp32 rounding only; measured max
+# |image diff| below 1e-6.
+IMAGE_ATOL = 1e-5
+
+
+def _trained_roles(model, kind: str):
+    cfg = RolesConfig(mode="lora", lora_rank=4, lora_alpha=ALPHA, lora_targets=lora_target_regex(kind))
+    roles = build_roles(cfg, model, surrogate=False, fake=False)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in roles.generator.parameters():  # stands in for training: lora_B away from zero
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return roles
+
+
+def _our_images(role, noise):
+    traj = rollout(role, role.encode_prompts(PROMPTS), noise, steps=4, shift=SHIFT)
+    return role.decode(traj.sample)
+
+
+def _pipeline_images(kind: str, path, out, noise, load_lora: bool):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(out, local_files_only=True)
+    if load_lora:
+        pipe.load_lora_weights(out, weight_name=LORA_FILE)
+    pipe.set_progress_bar_config(disable=True)
+    info = json.loads((out / EXPORT_INFO).read_text())
+    call = dict(info["pipeline_call"], max_sequence_length=tiny_cfg(path, kind).max_sequence_length)
+    assert pipe.scheduler.config.shift == SHIFT and not pipe.scheduler.config.use_dynamic_shifting
+    return pipe(
+        prompt=list(PROMPTS), height=HEIGHT, width=WIDTH, latents=noise.clone(), output_type="pt", **call
+    ).images
+
+
+@pytest.mark.parametrize("mode", ["merged", "adapter", "full"])
+@pytest.mark.parametrize("kind", ["sd3", "zimage"])
+def test_export_round_trip(kind, mode, request, tmp_path):
+    path = request.getfixturevalue(f"{kind}_dir")
+    model = request.getfixturevalue(f"{kind}_model")
+    roles = _trained_roles(model, kind)
+    noise = torch.randn((len(PROMPTS), *model.latent_shape(HEIGHT, WIDTH)), generator=torch.Generator().manual_seed(3))
+    ours = _our_images(roles.generator, noise)
+    if mode == "full":
+        state, merge = roles.export("generator"), False  # full weights, as full mode's roles hold them
+    else:
+        state, merge = roles.adapter_tensors("generator"), mode == "merged"
+    out = export_diffusers_pipeline(model, state, tmp_path / "export", merge_lora=merge, lora_alpha=ALPHA, shift=SHIFT)
+    assert (out / LORA_FILE).is_file() == (mode == "adapter")
+    theirs = _pipeline_images(kind, path, out, noise, load_lora=mode == "adapter")
+    diff = (theirs - ours).abs().max().item()
+    assert diff <= IMAGE_ATOL, f"{kind} {mode}: exported pipeline differs from our sampler by {diff:.3g}"
+    # not vacuous: the trained generator samples differently from the untouched base
+    base = _our_images(model, noise)
+    assert (base - ours).abs().max() > 1e-2
+    print(f"export {kind} {mode}: max|image diff| {diff:.3g}")
+
+
+def test_export_refuses_bad_inputs(sd3_model, tmp_path):
+    roles = _trained_roles(sd3_model, "sd3")
+    lora = roles.adapter_tensors("generator")
+    with pytest.raises(ValueError, match="lora_alpha"):
+        export_diffusers_pipeline(sd3_model, lora, tmp_path / "a", merge_lora=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_diffusers_pipeline(sd3_model, lora, tmp_path / "b", merge_lora=True, lora_alpha=ALPHA)
+    half = {k: v for k, v in lora.items() if "lora_A" in k}
+    with pytest.raises(KeyError, match="without both lora_A and lora_B"):
+        split_lora(half)
+    assert not any(p.name.startswith(".a.tmp") for p in tmp_path.iterdir())  # no half-written folder left
