@@ -18,7 +18,7 @@ from tdm_r1.sampling import rollout
 SHIFT = 2.0  # not the tiny folders' scheduler shift (3.0): the export must rewrite the scheduler
 ALPHA = 8.0
 # LoRA applied on the fly vs merged into the weights, and pipeline vs our loop: fp32 rounding only; measured max
-# |image diff| below 1e-6.
+# |image diff| 1.2e-6 (SD3 merged), at most 8.3e-7 for the others.
 IMAGE_ATOL = 1e-5
 
 
