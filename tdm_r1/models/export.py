@@ -68,6 +68,7 @@ def export_diffusers_pipeline(
     shift: float = 3.0,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    link_unchanged: bool = False,
 ) -> Path:
     """Write a diffusers pipeline folder for the generator.
 
@@ -76,6 +77,8 @@ def export_diffusers_pipeline(
     merge_lora: LoRA merged into the transformer weights, or kept as `pytorch_lora_weights.safetensors` beside the
     unchanged transformer. lora_alpha: required for LoRA tensors (the rank is read from their shapes).
     dtype: weights dtype of the written transformer (default: the adapter's compute dtype).
+    link_unchanged: symlink the unchanged components (text encoders, tokenizers, VAE) to the source folder instead
+    of copying them (SD3.5-M's text encoders are ~11 GB), for periodic exports on the machine that holds the source.
     The folder is built next to out_dir and renamed into place, so a failed export leaves no half-written folder.
     """
     out = Path(out_dir)
@@ -89,7 +92,7 @@ def export_diffusers_pipeline(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _copy_frozen(adapter.source, tmp)
+        _copy_frozen(adapter.source, tmp, link_unchanged)
         _write_transformer(adapter, generator_state_or_lora, lora, lora_alpha, merge_lora, tmp, dtype)
         _write_scheduler(adapter, shift, tmp)
         _write_info(adapter, lora, lora_alpha, merge_lora, steps, shift, tmp)
@@ -101,12 +104,14 @@ def export_diffusers_pipeline(
     return out
 
 
-def _copy_frozen(source: Path, dst: Path) -> None:
+def _copy_frozen(source: Path, dst: Path, link: bool) -> None:
     """Every component except transformer and scheduler, as is (hidden download caches skipped)."""
     for entry in source.iterdir():
         if entry.name in ("transformer", "scheduler") or entry.name.startswith("."):
             continue
-        if entry.is_dir():
+        if link and entry.is_dir():
+            (dst / entry.name).symlink_to(entry.resolve(), target_is_directory=True)
+        elif entry.is_dir():
             shutil.copytree(entry, dst / entry.name)
         else:
             shutil.copy2(entry, dst / entry.name)

@@ -64,8 +64,12 @@ def test_export_round_trip(kind, mode, request, tmp_path):
         state, merge = roles.export("generator"), False  # full weights, as full mode's roles hold them
     else:
         state, merge = roles.adapter_tensors("generator"), mode == "merged"
-    out = export_diffusers_pipeline(model, state, tmp_path / "export", merge_lora=merge, lora_alpha=ALPHA, shift=SHIFT)
+    link = mode == "full"  # the symlinked-components variant, once per model
+    out = export_diffusers_pipeline(
+        model, state, tmp_path / "export", merge_lora=merge, lora_alpha=ALPHA, shift=SHIFT, link_unchanged=link
+    )
     assert (out / LORA_FILE).is_file() == (mode == "adapter")
+    assert (out / "vae").is_symlink() == link and not (out / "transformer").is_symlink()
     theirs = _pipeline_images(kind, path, out, noise, load_lora=mode == "adapter")
     diff = (theirs - ours).abs().max().item()
     assert diff <= IMAGE_ATOL, f"{kind} {mode}: exported pipeline differs from our sampler by {diff:.3g}"
