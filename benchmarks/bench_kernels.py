@@ -82,15 +82,21 @@ def _setup_vmse(n, dtype, device):
 
 def _setup_x0(n, dtype, device):
     x0, tk, tc, tr, rr, rs = _rows(n, dtype, device, 6)
-    return dict(x0=x0, tk=tk, tc=tc, tr=tr, rr=rr, rs=rs, trunc=torch.tensor([False, True, False, False], device=device))
+    return dict(
+        x0=x0, tk=tk, tc=tc, tr=tr, rr=rr, rs=rs, trunc=torch.tensor([False, True, False, False], device=device)
+    )
 
 
 def _setup_gp(n, dtype, device):
     l = torch.rand(n, device=device) + 0.1
-    return dict(l=l.to(dtype), l_ref=(l + 0.05 * torch.randn_like(l)).to(dtype),
-                l_old=(l * torch.exp(0.003 * torch.randn_like(l))).to(dtype),
-                adv=torch.randn(n, device=device).to(dtype),
-                group=torch.arange(n, device=device) // GROUP, groups=(n + GROUP - 1) // GROUP)
+    return dict(
+        l=l.to(dtype),
+        l_ref=(l + 0.05 * torch.randn_like(l)).to(dtype),
+        l_old=(l * torch.exp(0.003 * torch.randn_like(l))).to(dtype),
+        adv=torch.randn(n, device=device).to(dtype),
+        group=torch.arange(n, device=device) // GROUP,
+        groups=(n + GROUP - 1) // GROUP,
+    )
 
 
 def _loss_grad(inputs: dict, key: str, fn: Callable[[], Outputs]) -> Outputs:
@@ -237,10 +243,15 @@ def header(device: torch.device) -> dict[str, str]:
             pass
         name = f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "benchmarks", "CMakeLists.txt"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "kernels", "benchmarks", "CMakeLists.txt"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         sha += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         sha = "unknown"
@@ -279,8 +290,20 @@ def run(args: argparse.Namespace) -> list[dict]:
     for n in sizes:
         copy, clone = copy_gbps(n, dtype, device, min_reps, min_time)
         copy_ms = 2 * n * torch.empty((), dtype=dtype).element_size() / copy / 1e6
-        rows.append(_row("copy", "torch", "copy_", n, dtype, copy_ms, copy, copy, None,
-                         f"ceiling; clone (allocating) {clone:.2f} GB/s"))
+        rows.append(
+            _row(
+                "copy",
+                "torch",
+                "copy_",
+                n,
+                dtype,
+                copy_ms,
+                copy,
+                copy,
+                None,
+                f"ceiling; clone (allocating) {clone:.2f} GB/s",
+            )
+        )
         _print_row(rows[-1])
         for case in cases:
             torch.manual_seed(0)
@@ -288,8 +311,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             expected = provider_fn(case, "reference", inputs)()
             ref_ms = None
             for provider in providers:
-                row, ok = _bench_one(case, provider, inputs, expected, n, dtype, device, copy, ref_ms, min_reps,
-                                     min_time, args.quick)
+                row, ok = _bench_one(
+                    case, provider, inputs, expected, n, dtype, device, copy, ref_ms, min_reps, min_time, args.quick
+                )
                 failed |= not ok
                 if provider == "reference":
                     ref_ms = row["ms"]
@@ -306,11 +330,22 @@ def _bench_one(case, provider, inputs, expected, n, dtype, device, copy, ref_ms,
     esize = torch.empty((), dtype=dtype).element_size()
     nbytes = case.bytes_moved(n, esize)
     if provider == "compile" and quick:
-        return _row(case.op, provider, case.mode, n, dtype, None, None, copy, None,
-                    "compile skipped under --quick (compile time)"), True
+        return _row(
+            case.op,
+            provider,
+            case.mode,
+            n,
+            dtype,
+            None,
+            None,
+            copy,
+            None,
+            "compile skipped under --quick (compile time)",
+        ), True
     if provider == "native" and not load_native():
-        return _row(case.op, provider, case.mode, n, dtype, None, None, copy, None,
-                    "native library not built (make native)"), True
+        return _row(
+            case.op, provider, case.mode, n, dtype, None, None, copy, None, "native library not built (make native)"
+        ), True
     if provider == "triton" and (device.type != "cuda" or not HAS_TRITON):
         return _row(case.op, provider, case.mode, n, dtype, None, None, copy, None, "triton needs CUDA"), True
     try:
@@ -319,13 +354,35 @@ def _bench_one(case, provider, inputs, expected, n, dtype, device, copy, ref_ms,
     except Exception as err:  # noqa: BLE001 - an unavailable provider is reported in its row, not fatal
         if provider != "compile":
             raise
-        return _row(case.op, provider, case.mode, n, dtype, None, None, copy, None,
-                    f"compile unavailable: {type(err).__name__}: {str(err).splitlines()[0][:80]}"), True
-    errs = [rel_err(g.float() if g.dtype != torch.bool else g.double(), e.float() if e.dtype != torch.bool
-                    else e.double()) for g, e in zip(got, expected)]
+        return _row(
+            case.op,
+            provider,
+            case.mode,
+            n,
+            dtype,
+            None,
+            None,
+            copy,
+            None,
+            f"compile unavailable: {type(err).__name__}: {str(err).splitlines()[0][:80]}",
+        ), True
+    errs = [
+        rel_err(g.float() if g.dtype != torch.bool else g.double(), e.float() if e.dtype != torch.bool else e.double())
+        for g, e in zip(got, expected)
+    ]
     if max(errs) > GATE[dtype]:
-        return _row(case.op, provider, case.mode, n, dtype, None, None, copy, None,
-                    f"FAILED correctness gate: rel err {max(errs):.3g} > {GATE[dtype]:.0e}"), False
+        return _row(
+            case.op,
+            provider,
+            case.mode,
+            n,
+            dtype,
+            None,
+            None,
+            copy,
+            None,
+            f"FAILED correctness gate: rel err {max(errs):.3g} > {GATE[dtype]:.0e}",
+        ), False
     ms = time_ms(fn, device, min_reps, min_time)
     gbps = nbytes / ms / 1e6
     speedup = ref_ms / ms if ref_ms else (1.0 if provider == "reference" else None)
@@ -349,9 +406,11 @@ def _row(op, provider, mode, n, dtype, ms, gbps, copy, speedup, note) -> dict:
 
 def _print_row(r: dict) -> None:
     f = lambda v, fmt: format(v, fmt) if v is not None else "-"
-    print(f"{r['op']:<22}{r['mode']:<9}{r['n']:>10} {r['provider']:<10}{f(r['ms'], '>10.3f'):>10}"
-          f"{f(r['gbps'], '>9.2f'):>9}{f(r['pct_of_copy'], '>8.1f'):>8}{f(r['speedup_vs_reference'], '>8.2f'):>8}"
-          f"  {r['note']}")
+    print(
+        f"{r['op']:<22}{r['mode']:<9}{r['n']:>10} {r['provider']:<10}{f(r['ms'], '>10.3f'):>10}"
+        f"{f(r['gbps'], '>9.2f'):>9}{f(r['pct_of_copy'], '>8.1f'):>8}{f(r['speedup_vs_reference'], '>8.2f'):>8}"
+        f"  {r['note']}"
+    )
 
 
 def _write(rows: list[dict], head: dict, device: torch.device, json_path: str | None) -> None:

@@ -93,8 +93,9 @@ def group_preference_scores_fwd(
         order = torch.argsort(gv, stable=True)
         bounds = torch.arange(num_groups + 1, device=gv.device, dtype=gv.dtype)
         offsets = torch.searchsorted(gv[order], bounds)
-        _group_preference_scores_kernel[(num_groups,)](lv, rv, av, order, offsets, scores, coef, BLOCK=BLOCK_GROUP,
-                                                       **launch_opts())
+        _group_preference_scores_kernel[(num_groups,)](
+            lv, rv, av, order, offsets, scores, coef, BLOCK=BLOCK_GROUP, **launch_opts()
+        )
     else:
         torch.ops.tdm_r1.group_preference_scores(lv, rv, av, gv, coef, scores)
     return scores
@@ -168,8 +169,9 @@ def fused_group_preference_weights(
     """
     backend = resolve_backend(l.device, backend)
     if backend == "reference":
-        return group_preference_weights_ref(scores, l, l_ref, l_old, advantages, group, clip, ref_div,
-                                            ref_div_threshold)
+        return group_preference_weights_ref(
+            scores, l, l_ref, l_old, advantages, group, clip, ref_div, ref_div_threshold
+        )
     if ref_div is None:
         active = torch.zeros(1, dtype=torch.bool, device=l.device)
     else:
@@ -193,8 +195,10 @@ def fused_group_preference(
     backend: str | None = None,
 ) -> GroupPreference:
     """Scores then weights and gates in one process (no cross-rank sum); see the two entry points above."""
-    scores = fused_group_preference_scores(l, l_ref, advantages, group, num_groups, beta_dpo, group_size,
-                                           backend=backend)
-    w, ppo, ref = fused_group_preference_weights(scores, l, l_ref, l_old, advantages, group, clip, ref_div,
-                                                 ref_div_threshold, backend=backend)
+    scores = fused_group_preference_scores(
+        l, l_ref, advantages, group, num_groups, beta_dpo, group_size, backend=backend
+    )
+    w, ppo, ref = fused_group_preference_weights(
+        scores, l, l_ref, l_old, advantages, group, clip, ref_div, ref_div_threshold, backend=backend
+    )
     return GroupPreference(w, scores, ppo, ref)

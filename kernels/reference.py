@@ -294,6 +294,7 @@ def group_preference_ref(
 ) -> GroupPreference:
     """Single-process group preference: scores, then weights and gates (no cross-rank sum)."""
     scores = group_preference_scores_ref(l, l_ref, advantages, group, num_groups, beta_dpo, group_size)
-    w, ppo, ref = group_preference_weights_ref(scores, l, l_ref, l_old, advantages, group, clip, ref_div,
-                                               ref_div_threshold)
+    w, ppo, ref = group_preference_weights_ref(
+        scores, l, l_ref, l_old, advantages, group, clip, ref_div, ref_div_threshold
+    )
     return GroupPreference(w, scores, ppo, ref)

@@ -174,9 +174,11 @@ def fused_revised_x0_loss(
         raise ValueError("target_reward and ref_reward must be given together")
     backend = resolve_backend(x0_hat.device, backend)
     if backend == "reference":
-        return revised_x0_loss_ref(x0_hat, target_kl, target_cfg, target_reward, ref_real, ref_reward, truncated,
-                                   w_tdm, eps)
+        return revised_x0_loss_ref(
+            x0_hat, target_kl, target_cfg, target_reward, ref_real, ref_reward, truncated, w_tdm, eps
+        )
     weights = revised_x0_weights(truncated, w_tdm, x0_hat.shape[0], x0_hat.device, target_reward is not None)
-    detached = (t.detach() if t is not None else None for t in (target_kl, target_cfg, target_reward, ref_real,
-                                                               ref_reward))
+    detached = (
+        t.detach() if t is not None else None for t in (target_kl, target_cfg, target_reward, ref_real, ref_reward)
+    )
     return RevisedX0LossFunction.apply(x0_hat, *detached, weights, eps, backend)

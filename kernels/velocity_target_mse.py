@@ -14,7 +14,12 @@ from kernels._common import alloc, block_for, check_like, compute_dtype, launch_
 from kernels.dispatch import resolve_backend
 from kernels.reference import velocity_target_coefficients, velocity_target_mse_ref
 
-__all__ = ["VelocityTargetMSEFunction", "fused_velocity_target_mse", "velocity_target_mse_bwd", "velocity_target_mse_fwd"]
+__all__ = [
+    "VelocityTargetMSEFunction",
+    "fused_velocity_target_mse",
+    "velocity_target_mse_bwd",
+    "velocity_target_mse_fwd",
+]
 
 
 @triton.jit
@@ -60,9 +65,7 @@ def _prepare(x: Tensor, noise: Tensor, v_pred: Tensor, backend: str) -> tuple[Te
     return rows(x, backend, dtype), rows(noise, backend, dtype), rows(v_pred, backend, dtype), dtype
 
 
-def velocity_target_mse_fwd(
-    x: Tensor, noise: Tensor, v_pred: Tensor, cx: Tensor, cn: Tensor, backend: str
-) -> Tensor:
+def velocity_target_mse_fwd(x: Tensor, noise: Tensor, v_pred: Tensor, cx: Tensor, cn: Tensor, backend: str) -> Tensor:
     """Per-sample mean squared error, fp32 [B], accumulated in fp32."""
     xr, nr, vr, _ = _prepare(x, noise, v_pred, backend)
     B, D = vr.shape
@@ -70,8 +73,9 @@ def velocity_target_mse_fwd(
         BLOCK = block_for(D)
         nchunk = triton.cdiv(D, BLOCK)
         partial = alloc((B, nchunk), torch.float32, x.device)
-        _velocity_target_mse_fwd_kernel[(nchunk, B)](xr, nr, vr, cx, cn, partial, D, nchunk, BLOCK=BLOCK,
-                                                     **launch_opts())
+        _velocity_target_mse_fwd_kernel[(nchunk, B)](
+            xr, nr, vr, cx, cn, partial, D, nchunk, BLOCK=BLOCK, **launch_opts()
+        )
         sq_sum = partial.sum(1)
     else:
         sq_sum = alloc((B,), torch.float32, x.device)
@@ -89,8 +93,9 @@ def velocity_target_mse_bwd(
     grad = alloc(vr.shape, dtype, v_pred.device)
     if backend == "triton":
         BLOCK = block_for(D)
-        _velocity_target_mse_bwd_kernel[(triton.cdiv(D, BLOCK), B)](xr, nr, vr, cx, cn, scale, grad, D, BLOCK=BLOCK,
-                                                                    **launch_opts())
+        _velocity_target_mse_bwd_kernel[(triton.cdiv(D, BLOCK), B)](
+            xr, nr, vr, cx, cn, scale, grad, D, BLOCK=BLOCK, **launch_opts()
+        )
     else:
         torch.ops.tdm_r1.velocity_target_mse_backward(xr, nr, vr, cx, cn, scale, grad)
     return grad.view(v_pred.shape).to(v_pred.dtype)

@@ -49,8 +49,9 @@ def rel_err(actual: Tensor, expected: Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def assert_close(name: str, actual: Tensor, expected: Tensor, kind: str, dtype: torch.dtype,
-                 interpreted: bool = False) -> None:
+def assert_close(
+    name: str, actual: Tensor, expected: Tensor, kind: str, dtype: torch.dtype, interpreted: bool = False
+) -> None:
     """Fail with the measured error unless rel_err(actual, expected) <= tolerance(kind, dtype)."""
     tol = tolerance(kind, dtype, interpreted)
     err = rel_err(actual, expected)
@@ -60,8 +61,13 @@ def assert_close(name: str, actual: Tensor, expected: Tensor, kind: str, dtype: 
     assert err <= tol, f"{name}: relative error {err:.3g} exceeds {tol:.3g} ({kind}, {dtype})"
 
 
-def make(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu", contiguous: bool = True,
-         scale: float = 1.0) -> Tensor:
+def make(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    contiguous: bool = True,
+    scale: float = 1.0,
+) -> Tensor:
     """Fresh N(0, scale^2) draws in `dtype`; a strided view (every other column of a wider tensor) if not contiguous."""
     if contiguous:
         return (torch.randn(shape) * scale).to(dtype=dtype, device=device)

@@ -5,15 +5,19 @@ namespace tdm_r1 {
 namespace {
 
 template <typename T>
-void renoise_rows(const T* __restrict__ x, const T* __restrict__ noise, const float* a, const float* b,
-                  T* __restrict__ out, int64_t B, int64_t D) {
-  for_each_chunk(B, D, [&](int64_t, int64_t r, int64_t j0, int64_t j1) {
-    const float ar = a[r], br = b[r];
-    const int64_t lo = r * D + j0, hi = r * D + j1;
+inline void renoise_block(const T* __restrict__ x, const T* __restrict__ noise, float a, float b, T* __restrict__ out,
+                          int64_t len) {
 #pragma omp simd
-    for (int64_t j = lo; j < hi; ++j) {
-      out[j] = static_cast<T>(ar * static_cast<float>(x[j]) + br * static_cast<float>(noise[j]));
-    }
+  for (int64_t j = 0; j < len; ++j) {
+    out[j] = static_cast<T>(a * static_cast<float>(x[j]) + b * static_cast<float>(noise[j]));
+  }
+}
+
+template <typename T>
+void renoise_rows(const T* x, const T* noise, const float* a, const float* b, T* out, int64_t B, int64_t D) {
+  for_each_chunk(B, D, [=](int64_t, int64_t r, int64_t j0, int64_t j1) {
+    const int64_t o = r * D + j0;
+    renoise_block<T>(x + o, noise + o, a[r], b[r], out + o, j1 - j0);
   });
 }
 
@@ -26,6 +30,7 @@ void renoise(const at::Tensor& x, const at::Tensor& noise, const at::Tensor& a, 
   check_rows(out, "out", B, D, st);
   check_vec(a, "a", B);
   check_vec(b, "b", B);
+  advise_huge_pages(out);
   dispatch_float(st, "renoise", [&](auto tag) {
     using T = decltype(tag);
     renoise_rows<T>(ptr<T>(x), ptr<T>(noise), ptr<float>(a), ptr<float>(b), out_ptr<T>(out), B, D);

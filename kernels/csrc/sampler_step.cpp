@@ -5,65 +5,64 @@
 namespace tdm_r1 {
 namespace {
 
+// The vector loops are leaf functions over restrict pointers passed by value, so the compiler sees unit-stride
+// streams with no aliasing (lambdas capturing the pointers by reference vectorise into gathers).
 template <typename T, bool kPrev, bool kTau>
-void step_rows(const T* __restrict__ x, const T* __restrict__ v, const T* __restrict__ prev,
-               const T* __restrict__ noise, const float* s, const float* dt, const float* c2, const float* a,
-               const float* b, T* __restrict__ x_next, T* __restrict__ x0_hat, T* __restrict__ x_tau, int64_t B,
-               int64_t D) {
-  for_each_chunk(B, D, [&](int64_t, int64_t r, int64_t j0, int64_t j1) {
-    const float sr = s[r], dr = dt[r];
-    const float cr = kPrev ? c2[r] : 0.f, ar = kTau ? a[r] : 0.f, br = kTau ? b[r] : 0.f;
-    const int64_t lo = r * D + j0, hi = r * D + j1;
+inline void step_block(const T* __restrict__ x, const T* __restrict__ v, const T* __restrict__ prev,
+                       const T* __restrict__ noise, float s, float dt, float c2, float a, float b,
+                       T* __restrict__ x_next, T* __restrict__ x0_hat, T* __restrict__ x_tau, int64_t len) {
 #pragma omp simd
-    for (int64_t j = lo; j < hi; ++j) {
-      const float xv = static_cast<float>(x[j]), vv = static_cast<float>(v[j]);
-      const float x0 = xv - sr * vv;
-      float xn = xv - dr * vv;
-      if constexpr (kPrev) xn += cr * (static_cast<float>(prev[j]) - x0);
-      x0_hat[j] = static_cast<T>(x0);
-      x_next[j] = static_cast<T>(xn);
-      if constexpr (kTau) x_tau[j] = static_cast<T>(ar * xn + br * static_cast<float>(noise[j]));
-    }
+  for (int64_t j = 0; j < len; ++j) {
+    const float xv = static_cast<float>(x[j]), vv = static_cast<float>(v[j]);
+    const float x0 = xv - s * vv;
+    float xn = xv - dt * vv;
+    if constexpr (kPrev) xn += c2 * (static_cast<float>(prev[j]) - x0);
+    x0_hat[j] = static_cast<T>(x0);
+    x_next[j] = static_cast<T>(xn);
+    if constexpr (kTau) x_tau[j] = static_cast<T>(a * xn + b * static_cast<float>(noise[j]));
+  }
+}
+
+template <typename T, bool kPrev, bool kTau>
+void step_rows(const T* x, const T* v, const T* prev, const T* noise, const float* s, const float* dt,
+               const float* c2, const float* a, const float* b, T* x_next, T* x0_hat, T* x_tau, int64_t B,
+               int64_t D) {
+  for_each_chunk(B, D, [=](int64_t, int64_t r, int64_t j0, int64_t j1) {
+    const int64_t o = r * D + j0;
+    step_block<T, kPrev, kTau>(x + o, v + o, kPrev ? prev + o : nullptr, kTau ? noise + o : nullptr, s[r], dt[r],
+                               kPrev ? c2[r] : 0.f, kTau ? a[r] : 0.f, kTau ? b[r] : 0.f, x_next + o, x0_hat + o,
+                               kTau ? x_tau + o : nullptr, j1 - j0);
   });
 }
 
 // g_n = g_next + a * g_tau is the total gradient reaching x_next; with x_next = (1 - c2) x + (c2 s - dt) v
 // + c2 x0_prev and x0_hat = x - s v: grad_x = (1 - c2) g_n + g_0, grad_v = (c2 s - dt) g_n - s g_0,
-// grad_x0_prev = c2 g_n.
+// grad_x0_prev = c2 g_n. Each requested gradient is one loop (usually only grad_v is).
 template <typename T, bool kGn, bool kG0, bool kGtau>
-void step_backward_rows(const T* __restrict__ g_next, const T* __restrict__ g_x0, const T* __restrict__ g_tau,
-                        const float* s, const float* dt, const float* c2, const float* a, T* __restrict__ grad_x,
-                        T* __restrict__ grad_v, T* __restrict__ grad_prev, int64_t B, int64_t D) {
-  for_each_chunk(B, D, [&](int64_t, int64_t r, int64_t j0, int64_t j1) {
+inline void step_backward_block(const T* __restrict__ g_next, const T* __restrict__ g_x0,
+                                const T* __restrict__ g_tau, float a, float kn, float k0, T* __restrict__ out,
+                                int64_t len) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    float gn = kGn ? static_cast<float>(g_next[j]) : 0.f;
+    if constexpr (kGtau) gn += a * static_cast<float>(g_tau[j]);
+    const float g0 = kG0 ? static_cast<float>(g_x0[j]) : 0.f;
+    out[j] = static_cast<T>(kn * gn + k0 * g0);
+  }
+}
+
+template <typename T, bool kGn, bool kG0, bool kGtau>
+void step_backward_rows(const T* g_next, const T* g_x0, const T* g_tau, const float* s, const float* dt,
+                        const float* c2, const float* a, T* grad_x, T* grad_v, T* grad_prev, int64_t B, int64_t D) {
+  for_each_chunk(B, D, [=](int64_t, int64_t r, int64_t j0, int64_t j1) {
     const float sr = s[r], dr = dt[r], cr = c2 ? c2[r] : 0.f, ar = kGtau ? a[r] : 0.f;
-    const float kx = 1.f - cr, kv = cr * sr - dr;
-    const int64_t lo = r * D + j0, hi = r * D + j1;
-    if (grad_x != nullptr) {
-#pragma omp simd
-      for (int64_t j = lo; j < hi; ++j) {
-        float gn = kGn ? static_cast<float>(g_next[j]) : 0.f;
-        if constexpr (kGtau) gn += ar * static_cast<float>(g_tau[j]);
-        const float g0 = kG0 ? static_cast<float>(g_x0[j]) : 0.f;
-        grad_x[j] = static_cast<T>(kx * gn + g0);
-      }
-    }
-    if (grad_v != nullptr) {
-#pragma omp simd
-      for (int64_t j = lo; j < hi; ++j) {
-        float gn = kGn ? static_cast<float>(g_next[j]) : 0.f;
-        if constexpr (kGtau) gn += ar * static_cast<float>(g_tau[j]);
-        const float g0 = kG0 ? static_cast<float>(g_x0[j]) : 0.f;
-        grad_v[j] = static_cast<T>(kv * gn - sr * g0);
-      }
-    }
-    if (grad_prev != nullptr) {
-#pragma omp simd
-      for (int64_t j = lo; j < hi; ++j) {
-        float gn = kGn ? static_cast<float>(g_next[j]) : 0.f;
-        if constexpr (kGtau) gn += ar * static_cast<float>(g_tau[j]);
-        grad_prev[j] = static_cast<T>(cr * gn);
-      }
-    }
+    const int64_t o = r * D + j0, len = j1 - j0;
+    const T* gn = kGn ? g_next + o : nullptr;
+    const T* g0 = kG0 ? g_x0 + o : nullptr;
+    const T* gt = kGtau ? g_tau + o : nullptr;
+    if (grad_x) step_backward_block<T, kGn, kG0, kGtau>(gn, g0, gt, ar, 1.f - cr, 1.f, grad_x + o, len);
+    if (grad_v) step_backward_block<T, kGn, kG0, kGtau>(gn, g0, gt, ar, cr * sr - dr, -sr, grad_v + o, len);
+    if (grad_prev) step_backward_block<T, kGn, false, kGtau>(gn, nullptr, gt, ar, cr, 0.f, grad_prev + o, len);
   });
 }
 
@@ -91,6 +90,9 @@ void sampler_step(const at::Tensor& x, const at::Tensor& v, const at::Tensor& s,
     check_vec(*a, "a", B);
     check_vec(*b, "b", B);
   }
+  advise_huge_pages(x_next);
+  advise_huge_pages(x0_hat);
+  advise_huge_pages(x_tau);
   dispatch_float(st, "sampler_step", [&](auto tag) {
     using T = decltype(tag);
     auto run = [&](auto kp, auto kt) {
@@ -122,6 +124,7 @@ void sampler_step_backward(const OptTensor& g_next, const OptTensor& g_x0, const
   TORCH_CHECK(!grad_prev || c2, "sampler_step_backward: grad_prev needs c2");
   TORCH_CHECK(!g_tau || a, "sampler_step_backward: g_tau needs a");
   if (a) check_vec(*a, "a", B);
+  for (const auto* t : {&grad_x, &grad_v, &grad_prev}) advise_huge_pages(*t);
   dispatch_float(st, "sampler_step_backward", [&](auto tag) {
     using T = decltype(tag);
     auto run = [&](auto kn, auto k0, auto kt) {

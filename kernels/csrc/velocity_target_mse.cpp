@@ -6,41 +6,48 @@ namespace tdm_r1 {
 namespace {
 
 template <typename T>
-void sq_sum_rows(const T* __restrict__ x, const T* __restrict__ noise, const T* __restrict__ v_pred,
-                 const float* cx, const float* cn, float* out, int64_t B, int64_t D) {
-  std::vector<double> parts(B * chunks_per_row(D), 0.0);
-  for_each_chunk(B, D, [&](int64_t c, int64_t r, int64_t j0, int64_t j1) {
-    const float ax = cx[r], an = cn[r];
-    const int64_t lo = r * D + j0, hi = r * D + j1;
-    double total = 0.0;
-    for (int64_t k0 = lo; k0 < hi; k0 += kSub) {
-      const int64_t k1 = std::min(hi, k0 + kSub);
-      float acc = 0.f;
+inline float sq_sum_block(const T* __restrict__ x, const T* __restrict__ noise, const T* __restrict__ v_pred, float cx,
+                          float cn, int64_t len) {
+  float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t j = k0; j < k1; ++j) {
-        const float d = ax * static_cast<float>(x[j]) + an * static_cast<float>(noise[j]) -
-                        static_cast<float>(v_pred[j]);
-        acc += d * d;
-      }
-      total += acc;
+  for (int64_t j = 0; j < len; ++j) {
+    const float d = cx * static_cast<float>(x[j]) + cn * static_cast<float>(noise[j]) - static_cast<float>(v_pred[j]);
+    acc += d * d;
+  }
+  return acc;
+}
+
+template <typename T>
+void sq_sum_rows(const T* x, const T* noise, const T* v_pred, const float* cx, const float* cn, float* out, int64_t B,
+                 int64_t D) {
+  std::vector<double> parts(B * chunks_per_row(D), 0.0);
+  double* pp = parts.data();
+  for_each_chunk(B, D, [=](int64_t c, int64_t r, int64_t j0, int64_t j1) {
+    double total = 0.0;
+    for (int64_t k = r * D + j0, hi = r * D + j1; k < hi; k += kSub) {
+      total += sq_sum_block<T>(x + k, noise + k, v_pred + k, cx[r], cn[r], std::min(kSub, hi - k));
     }
-    parts[c] = total;
+    pp[c] = total;
   });
   sum_row_partials(parts, B, D, 1, out);
 }
 
 template <typename T>
-void grad_rows(const T* __restrict__ x, const T* __restrict__ noise, const T* __restrict__ v_pred,
-               const float* cx, const float* cn, const float* scale, T* __restrict__ grad, int64_t B, int64_t D) {
-  for_each_chunk(B, D, [&](int64_t, int64_t r, int64_t j0, int64_t j1) {
-    const float ax = cx[r], an = cn[r], g = scale[r];
-    const int64_t lo = r * D + j0, hi = r * D + j1;
+inline void grad_block(const T* __restrict__ x, const T* __restrict__ noise, const T* __restrict__ v_pred, float cx,
+                       float cn, float scale, T* __restrict__ grad, int64_t len) {
 #pragma omp simd
-    for (int64_t j = lo; j < hi; ++j) {
-      const float d = static_cast<float>(v_pred[j]) - ax * static_cast<float>(x[j]) -
-                      an * static_cast<float>(noise[j]);
-      grad[j] = static_cast<T>(g * d);
-    }
+  for (int64_t j = 0; j < len; ++j) {
+    const float d = static_cast<float>(v_pred[j]) - cx * static_cast<float>(x[j]) - cn * static_cast<float>(noise[j]);
+    grad[j] = static_cast<T>(scale * d);
+  }
+}
+
+template <typename T>
+void grad_rows(const T* x, const T* noise, const T* v_pred, const float* cx, const float* cn, const float* scale,
+               T* grad, int64_t B, int64_t D) {
+  for_each_chunk(B, D, [=](int64_t, int64_t r, int64_t j0, int64_t j1) {
+    const int64_t o = r * D + j0;
+    grad_block<T>(x + o, noise + o, v_pred + o, cx[r], cn[r], scale[r], grad + o, j1 - j0);
   });
 }
 
@@ -73,6 +80,7 @@ void velocity_target_mse_backward(const at::Tensor& x, const at::Tensor& noise, 
   const int64_t B = x.size(0), D = x.size(1);
   check_vec(scale, "scale", B);
   check_rows(grad, "grad", B, D, x.scalar_type());
+  advise_huge_pages(grad);
   dispatch_float(x.scalar_type(), "velocity_target_mse_backward", [&](auto tag) {
     using T = decltype(tag);
     grad_rows<T>(ptr<T>(x), ptr<T>(noise), ptr<T>(v_pred), ptr<float>(cx), ptr<float>(cn), ptr<float>(scale),

@@ -27,8 +27,12 @@ def build_native() -> Path:
     if shutil.which("cmake") is None:
         raise RuntimeError("cmake is needed to build the native kernels (kernels/csrc)")
     if not (BUILD_DIR / "CMakeCache.txt").exists():
-        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(BUILD_DIR), f"-DTDM_R1_PYTHON={sys.executable}"],
-                       check=True, capture_output=True, text=True)
+        subprocess.run(
+            ["cmake", "-S", str(ROOT), "-B", str(BUILD_DIR), f"-DTDM_R1_PYTHON={sys.executable}"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
     subprocess.run(["cmake", "--build", str(BUILD_DIR), "-j", "2"], check=True, capture_output=True, text=True)
     return BUILD_DIR / dispatch.LIBRARY_NAME
 

@@ -41,7 +41,9 @@ def test_renoise_coefficients_edges():
     s = torch.tensor([0.0, 0.5, 1.0, 0.3])
     tau = torch.tensor([0.6, 0.5, 1.0, 0.9])
     a, b = renoise_coefficients(s, tau, 4, torch.device("cpu"))
-    assert math.isclose(a[0].item(), 0.4, rel_tol=1e-7) and math.isclose(b[0].item(), 0.6, rel_tol=1e-7)  # s = 0: a = 1 - tau, b = tau
+    assert math.isclose(a[0].item(), 0.4, rel_tol=1e-7) and math.isclose(
+        b[0].item(), 0.6, rel_tol=1e-7
+    )  # s = 0: a = 1 - tau, b = tau
     assert a[1] == 1.0 and b[1] == 0.0  # tau = s: identity
     assert a[2] == 1.0 and b[2] == 0.0  # s = 1 (limit)
     # x = (1-s) x0 + s eps re-noised to tau: the x0 coefficient becomes 1 - tau, the noise std tau

@@ -35,8 +35,9 @@ def test_sampler_step(backend, dtype, shape, variant):
     s_prev, tau = (sch["s_prev"] if dpm else None), (sch["tau"] if ren else None)
 
     ins = [leaf(t) for t in (x, v, prev, noise)]
-    out = fused_sampler_step(ins[0], ins[1], sch["s"], sch["s_next"], x0_prev=ins[2], s_prev=s_prev, noise=ins[3],
-                             tau=tau, backend=name)
+    out = fused_sampler_step(
+        ins[0], ins[1], sch["s"], sch["s_next"], x0_prev=ins[2], s_prev=s_prev, noise=ins[3], tau=tau, backend=name
+    )
     refs_in = [fp32_leaf(t) for t in (x, v, prev, noise)]
     ref = sampler_step_ref(refs_in[0], refs_in[1], sch["s"], sch["s_next"], refs_in[2], s_prev, refs_in[3], tau)
 
