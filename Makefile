@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv demo test lint bench teacher clean
+.PHONY: venv native demo test lint bench teacher student clean
 
 venv: $(STAMP)
 
@@ -18,22 +18,32 @@ $(STAMP): pyproject.toml requirements/ci.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-demo: venv
-	$(BIN)/tdm-r1 eval --checkpoint checkpoints/toy_ocr_teacher.safetensors --split heldout --nfe 32 --cfg 3.0 \
-		--out runs/demo/teacher_32nfe_cfg.json
+# Optional native CPU kernels (kernels/csrc) built with CMake against the venv's torch.
+native: venv
+	cmake -S . -B build/native -DTDM_R1_PYTHON=$(CURDIR)/$(BIN)/python > /dev/null
+	cmake --build build/native -j 2 > /dev/null
 
-test: venv
+# TDM-R1 from the shipped 4-step student on the toy OCR world; writes runs/demo/{report.md,summary.json,...}
+demo: venv native
+	$(BIN)/tdm-r1 train --config configs/toy_ocr_r1.yaml
+	@cat runs/demo/report.md
+
+test: venv native
 	$(BIN)/python -m pytest -q
 
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: venv
+bench: venv native
 	$(BIN)/python benchmarks/bench_ocr.py
+	$(BIN)/python benchmarks/bench_kernels.py
 
 teacher: venv
 	$(BIN)/tdm-r1 pretrain --config configs/toy_ocr_teacher.yaml
+
+student: venv
+	$(BIN)/tdm-r1 distill --config configs/toy_ocr_distill.yaml
 
 clean:
 	rm -rf $(VENV) .cache build
