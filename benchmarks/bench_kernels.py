@@ -167,12 +167,41 @@ SAMPLER_BWD = Case(
 )  # fmt: skip
 
 
+def _with_out(setup, count):
+    """Inputs plus `count` preallocated output buffers (a rollout writing into its trajectory storage)."""
+
+    def make(n, dtype, device):
+        inputs = setup(n, dtype, device)
+        inputs["out"] = tuple(torch.empty_like(inputs["x"]) for _ in range(count))
+        return inputs
+
+    return make
+
+
+# out= variants: the kernels write into preallocated buffers (no page faults on fresh outputs); the eager
+# reference and torch.compile still allocate, as they would in a rollout loop.
+OUT_CASES = [
+    Case("sampler_step", "euler-out", lambda n, e: 4 * n * e, _with_out(_setup_step, 2),
+         lambda i: lambda x, v, s, s_next, **_: R.sampler_step_ref(x, v, s, s_next)[:2],
+         lambda i, be: K.fused_sampler_step(i["x"], i["v"], i["s"], i["s_next"], out=i["out"], backend=be)[:2]),
+    Case("sampler_step+renoise", "fwd-out", lambda n, e: 6 * n * e, _with_out(_setup_step, 3),
+         lambda i: lambda x, v, s, s_next, noise, tau, **_: R.sampler_step_ref(x, v, s, s_next, noise=noise, tau=tau),
+         lambda i, be: K.fused_sampler_step(i["x"], i["v"], i["s"], i["s_next"], noise=i["noise"], tau=i["tau"],
+                                            out=i["out"], backend=be)[:3]),
+    Case("renoise", "fwd-out", lambda n, e: 3 * n * e, _with_out(_setup_step, 1),
+         lambda i: lambda x, noise, s_next, tau, **_: R.renoise_ref(x, noise, s_next, tau)[:1],
+         lambda i, be: K.fused_renoise(i["x"], i["noise"], i["s_next"], i["tau"], out=i["out"][0], backend=be)[:1]),
+]  # fmt: skip
+
+
 def _x0_loss(out) -> Outputs:
     """Training use of the step: a per-sample loss on x0_hat whose backward reaches v (cheap torch sum)."""
     return (out[1].float().flatten(1).sum(1),)
 
 
 CASES.insert(2, SAMPLER_BWD)
+for _case in OUT_CASES:  # next to the allocating variant of the same op
+    CASES.insert(max(i for i, c in enumerate(CASES) if c.op == _case.op) + 1, _case)
 
 
 def _sync(device: torch.device) -> None:
@@ -180,9 +209,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, min_reps: int, min_time: float) -> float:
-    """Median wall time in ms after one warm-up call: at least min_reps runs and min_time seconds (max 200)."""
-    fn()
+def time_ms(
+    fn: Callable[[], object], device: torch.device, min_reps: int, min_time: float, warm: bool = False
+) -> float:
+    """Median wall time in ms over at least min_reps runs and min_time seconds (max 200), after one warm-up
+    call unless the caller has just run fn (warm)."""
+    if not warm:
+        fn()
     _sync(device)
     times: list[float] = []
     start = time.perf_counter()
@@ -350,7 +383,7 @@ def _bench_one(case, provider, inputs, expected, n, dtype, device, copy, ref_ms,
         return _row(case.op, provider, case.mode, n, dtype, None, None, copy, None, "triton needs CUDA"), True
     try:
         fn = provider_fn(case, provider, inputs)
-        got = fn()
+        got = expected if provider == "reference" else fn()  # the reference ran just before: already warm
     except Exception as err:  # noqa: BLE001 - an unavailable provider is reported in its row, not fatal
         if provider != "compile":
             raise
@@ -383,10 +416,13 @@ def _bench_one(case, provider, inputs, expected, n, dtype, device, copy, ref_ms,
             None,
             f"FAILED correctness gate: rel err {max(errs):.3g} > {GATE[dtype]:.0e}",
         ), False
-    ms = time_ms(fn, device, min_reps, min_time)
+    ms = time_ms(fn, device, min_reps, min_time, warm=True)
     gbps = nbytes / ms / 1e6
     speedup = ref_ms / ms if ref_ms else (1.0 if provider == "reference" else None)
-    return _row(case.op, provider, case.mode, n, dtype, ms, gbps, copy, speedup, f"max rel err {max(errs):.1e}"), True
+    note = f"max rel err {max(errs):.1e}"
+    if "out" in inputs and provider in ("native", "triton"):
+        note += "; outputs preallocated (out=)"
+    return _row(case.op, provider, case.mode, n, dtype, ms, gbps, copy, speedup, note), True
 
 
 def _row(op, provider, mode, n, dtype, ms, gbps, copy, speedup, note) -> dict:

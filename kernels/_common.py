@@ -26,9 +26,11 @@ __all__ = [
     "as_rows",
     "block_for",
     "check_like",
+    "check_out",
     "compute_dtype",
     "interpreting",
     "launch_opts",
+    "out_rows",
     "poison_outputs",
     "rows",
     "tl",
@@ -65,6 +67,24 @@ def alloc(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch
 def as_rows(t: Tensor) -> Tensor:
     """Contiguous [B, D] view (a copy only when `t` is not contiguous)."""
     return t.reshape(t.shape[0], -1).contiguous()
+
+
+def check_out(name: str, t: Tensor, ref: Tensor) -> None:
+    """Raise unless the caller's output buffer `t` is contiguous with `ref`'s shape, dtype and device."""
+    check_like(name, t, ref)
+    if t.dtype != ref.dtype or not t.is_contiguous():
+        raise ValueError(
+            f"{name} must be a contiguous {ref.dtype} tensor, got {t.dtype} (contiguous={t.is_contiguous()})"
+        )
+
+
+def out_rows(
+    out: tuple[Tensor, ...] | None, count: int, shape: tuple[int, int], dtype: torch.dtype, device: torch.device
+) -> list[Tensor]:
+    """`count` [B, D] output buffers: row views of the caller's `out` when it holds `dtype`, else fresh ones."""
+    if out is not None and out[0].dtype == dtype:
+        return [o.view(shape) for o in out[:count]]
+    return [alloc(shape, dtype, device) for _ in range(count)]
 
 
 def check_like(name: str, t: Tensor | None, ref: Tensor) -> None:

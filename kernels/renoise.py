@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._common import alloc, block_for, check_like, compute_dtype, launch_opts, rows, tl, triton
+from kernels._common import block_for, check_like, check_out, compute_dtype, launch_opts, out_rows, rows, tl, triton
 from kernels.dispatch import resolve_backend
 from kernels.reference import renoise_coefficients, renoise_ref
 
@@ -31,19 +31,23 @@ def _renoise_fwd_kernel(x_ptr, noise_ptr, a_ptr, b_ptr, out_ptr, D, BLOCK: tl.co
     tl.store(out_ptr + o, (a * x + b * n).to(out_ptr.dtype.element_ty), mask=m_d)
 
 
-def renoise_fwd(x: Tensor, noise: Tensor, a: Tensor, b: Tensor, backend: str) -> Tensor:
-    """x_tau [B, ...] in x's dtype from fp32 per-sample a, b [B]."""
+def renoise_fwd(x: Tensor, noise: Tensor, a: Tensor, b: Tensor, backend: str, out: Tensor | None = None) -> Tensor:
+    """x_tau [B, ...] in x's dtype from fp32 per-sample a, b [B]; written into `out` when given."""
     check_like("noise", noise, x)
+    if out is not None:
+        check_out("out", out, x)
     dtype = x.dtype if backend == "triton" else compute_dtype(x, noise)
     xr, nr = rows(x, backend, dtype), rows(noise, backend, dtype)
     B, D = xr.shape
-    out = alloc(xr.shape, dtype, x.device)
+    (buf,) = out_rows(None if out is None else (out,), 1, (B, D), dtype, x.device)
     if backend == "triton":
         BLOCK = block_for(D)
-        _renoise_fwd_kernel[(triton.cdiv(D, BLOCK), B)](xr, nr, a, b, out, D, BLOCK=BLOCK, **launch_opts())
+        _renoise_fwd_kernel[(triton.cdiv(D, BLOCK), B)](xr, nr, a, b, buf, D, BLOCK=BLOCK, **launch_opts())
     else:
-        torch.ops.tdm_r1.renoise(xr, nr, a, b, out)
-    return out.view(x.shape).to(x.dtype)
+        torch.ops.tdm_r1.renoise(xr, nr, a, b, buf)
+    if out is not None:
+        return out if buf.data_ptr() == out.data_ptr() else out.copy_(buf.view(x.shape))
+    return buf.view(x.shape).to(x.dtype)
 
 
 def renoise_bwd(g: Tensor, coef: Tensor, dtype: torch.dtype) -> Tensor:
@@ -67,14 +71,28 @@ class RenoiseFunction(torch.autograd.Function):
 
 
 def fused_renoise(
-    x: Tensor, noise: Tensor, s: Tensor | float, tau: Tensor | float, *, backend: str | None = None
+    x: Tensor,
+    noise: Tensor,
+    s: Tensor | float,
+    tau: Tensor | float,
+    *,
+    out: Tensor | None = None,
+    backend: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Re-noise x (a state at s) to tau >= s: returns (x_tau [B, ...] in x's dtype, a [B] fp32, b [B] fp32).
 
-    x, noise [B, ...]; s, tau float or [B]. Gradients flow to x and noise.
+    x, noise [B, ...]; s, tau float or [B]. Gradients flow to x and noise. `out`: a contiguous buffer of x's
+    shape and dtype to write x_tau into, only without autograd.
     """
+    if out is not None and torch.is_grad_enabled() and (x.requires_grad or noise.requires_grad):
+        raise ValueError("out= writes outside autograd: use it under torch.no_grad()")
+    if out is not None:
+        check_out("out", out, x)
     backend = resolve_backend(x.device, backend)
     if backend == "reference":
-        return renoise_ref(x, noise, s, tau)
+        x_tau, a, b = renoise_ref(x, noise, s, tau)
+        return (x_tau if out is None else out.copy_(x_tau)), a, b
     a, b = renoise_coefficients(s, tau, x.shape[0], x.device)
+    if out is not None:
+        return renoise_fwd(x, noise, a, b, backend, out), a, b
     return RenoiseFunction.apply(x, noise, a, b, backend), a, b

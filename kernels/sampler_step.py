@@ -14,7 +14,18 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from kernels._common import alloc, block_for, check_like, compute_dtype, launch_opts, rows, tl, triton
+from kernels._common import (
+    alloc,
+    block_for,
+    check_like,
+    check_out,
+    compute_dtype,
+    launch_opts,
+    out_rows,
+    rows,
+    tl,
+    triton,
+)
 from kernels.dispatch import resolve_backend
 from kernels.reference import renoise_coefficients, sampler_step_coefficients, sampler_step_ref
 
@@ -94,19 +105,26 @@ def sampler_step_fwd(
     a: Tensor | None,
     b: Tensor | None,
     backend: str,
+    out: tuple[Tensor, ...] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Launch the forward on [B, ...] tensors with fp32 [B] coefficients; outputs have x's shape and dtype.
 
     Mixed input dtypes: Triton loads each as is; the native op computes in the promoted dtype and rounds
-    the outputs to x's dtype afterwards.
+    the outputs to x's dtype afterwards. `out` = (x_next, x0_hat[, x_tau]) buffers are written in place.
     """
     for name, t in (("v", v), ("x0_prev", x0_prev), ("noise", noise)):
         check_like(name, t, x)
+    n_out = 3 if noise is not None else 2
+    if out is not None:
+        if len(out) != n_out:
+            raise ValueError(f"out needs {n_out} tensors (x_next, x0_hat{', x_tau' if n_out == 3 else ''})")
+        for name, o in zip(("x_next", "x0_hat", "x_tau"), out):
+            check_out(f"out {name}", o, x)
     dtype = x.dtype if backend == "triton" else compute_dtype(x, v, x0_prev, noise)
     xr, vr, pr, nr = (rows(t, backend, dtype) for t in (x, v, x0_prev, noise))
     B, D = xr.shape
-    x_next, x0_hat = alloc(xr.shape, dtype, x.device), alloc(xr.shape, dtype, x.device)
-    x_tau = alloc(xr.shape, dtype, x.device) if noise is not None else None
+    x_next, x0_hat, *rest = out_rows(out, n_out, (B, D), dtype, x.device)
+    x_tau = rest[0] if rest else None
     if backend == "triton":
         BLOCK = block_for(D)
         _sampler_step_fwd_kernel[(triton.cdiv(D, BLOCK), B)](
@@ -116,7 +134,13 @@ def sampler_step_fwd(
         )  # fmt: skip
     else:
         torch.ops.tdm_r1.sampler_step(xr, vr, s, dt, pr, c2, nr, a, b, x_next, x0_hat, x_tau)
-    x_next, x0_hat, x_tau = (None if t is None else t.view(x.shape).to(x.dtype) for t in (x_next, x0_hat, x_tau))
+    results = [None if t is None else t.view(x.shape) for t in (x_next, x0_hat, x_tau)]
+    if out is not None:
+        for o, r in zip(out, results):
+            if r.data_ptr() != o.data_ptr():  # computed in a wider dtype: round into the caller's buffer
+                o.copy_(r)
+        return out[0], out[1], out[2] if n_out == 3 else None
+    x_next, x0_hat, x_tau = (None if t is None else t.to(x.dtype) for t in results)
     return x_next, x0_hat, x_tau
 
 
@@ -199,6 +223,7 @@ def fused_sampler_step(
     s_prev: Tensor | float | None = None,
     noise: Tensor | None = None,
     tau: Tensor | float | None = None,
+    out: tuple[Tensor, ...] | None = None,
     backend: str | None = None,
 ) -> SamplerStep:
     """One deterministic sampler step from s to s_next, optionally re-noised to tau, in one pass.
@@ -207,22 +232,33 @@ def fused_sampler_step(
     x0_prev + s_prev select DPM-Solver++(2M) (x0_prev is the previous step's x0_hat); noise + tau add the
     fused x_tau = a x_next + b noise. Gradients flow to x, v, x0_prev and noise. The rollout (no grad) and
     training (grad) paths run the same kernel, so their outputs agree bit for bit.
+    out = (x_next, x0_hat[, x_tau]): contiguous buffers of x's shape and dtype written in place (e.g. the
+    rollout's trajectory storage); only without autograd, since the buffers are not part of the graph.
     """
     if (x0_prev is None) != (s_prev is None):
         raise ValueError("DPM-Solver++(2M) needs both x0_prev and s_prev")
     if (noise is None) != (tau is None):
         raise ValueError("re-noising needs both noise and tau")
+    if out is not None:
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, v, x0_prev, noise)):
+            raise ValueError("out= writes outside autograd: use it under torch.no_grad() (rollouts)")
+        if len(out) != (3 if noise is not None else 2):
+            raise ValueError("out holds (x_next, x0_hat), plus x_tau when re-noising")
+        for name, o in zip(("x_next", "x0_hat", "x_tau"), out):
+            check_out(f"out {name}", o, x)
     backend = resolve_backend(x.device, backend)
-    if backend == "reference":
-        x_next, x0_hat, x_tau = sampler_step_ref(x, v, s, s_next, x0_prev, s_prev, noise, tau)
-        a = b = None
-        if noise is not None:
-            a, b = renoise_coefficients(s_next, tau, x.shape[0], x.device)
-        return SamplerStep(x_next, x0_hat, x_tau, a, b)
     B = x.shape[0]
-    s32, dt, c2 = sampler_step_coefficients(s, s_next, B, x.device, s_prev)
     a = b = None
     if noise is not None:
         a, b = renoise_coefficients(s_next, tau, B, x.device)
-    x_next, x0_hat, x_tau = SamplerStepFunction.apply(x, v, x0_prev, noise, s32, dt, c2, a, b, backend)
+    if backend == "reference":
+        results = sampler_step_ref(x, v, s, s_next, x0_prev, s_prev, noise, tau)
+        if out is not None:
+            results = tuple(o.copy_(r) for o, r in zip(out, results)) + (None,) * (3 - len(out))
+        return SamplerStep(*results, a, b)
+    s32, dt, c2 = sampler_step_coefficients(s, s_next, B, x.device, s_prev)
+    if out is not None:
+        x_next, x0_hat, x_tau = sampler_step_fwd(x, v, s32, dt, x0_prev, c2, noise, a, b, backend, out)
+    else:
+        x_next, x0_hat, x_tau = SamplerStepFunction.apply(x, v, x0_prev, noise, s32, dt, c2, a, b, backend)
     return SamplerStep(x_next, x0_hat, x_tau, a, b)

@@ -49,3 +49,14 @@ def test_renoise_coefficients_edges():
     # x = (1-s) x0 + s eps re-noised to tau: the x0 coefficient becomes 1 - tau, the noise std tau
     assert math.isclose(a[3].item() * 0.7, 0.1, rel_tol=1e-6)
     assert math.isclose((a[3].item() * 0.3) ** 2 + b[3].item() ** 2, 0.9**2, rel_tol=1e-6)
+
+
+def test_renoise_out_buffer(backend):
+    name, device = backend
+    x, n = make((3, 77), torch.bfloat16, device), make((3, 77), torch.bfloat16, device)
+    s, tau = torch.tensor([0.0, 0.3, 0.5], device=device), torch.tensor([0.4, 0.6, 0.9], device=device)
+    buf = torch.full((3, 77), float("nan"), dtype=torch.bfloat16, device=device)
+    with torch.no_grad():
+        expected, _, _ = fused_renoise(x, n, s, tau, backend=name)
+        got, a, b = fused_renoise(x, n, s, tau, out=buf, backend=name)
+    assert got is buf and torch.equal(got, expected)

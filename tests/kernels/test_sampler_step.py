@@ -113,3 +113,41 @@ def test_dpm2m_matches_closed_form():
     expected = (s_next / s) * x + (1 - s_next / s) * D
     got, _, _ = sampler_step_ref(x, v, s, s_next, prev, s_prev)
     assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("renoise", [False, True], ids=["euler", "euler+renoise"])
+def test_out_buffers(backend, renoise):
+    """out= writes the same bits into the caller's (NaN-filled) buffers and returns them."""
+    name, device = backend
+    dims = (3, 5, 41)
+    x, v, noise = (make(dims, torch.float32, device) for _ in range(3))
+    kw = dict(noise=noise, tau=torch.tensor([0.8, 0.9, 0.95], device=device)) if renoise else {}
+    s, s_next = torch.tensor([0.9, 0.75, 0.5], device=device), torch.tensor([0.75, 0.5, 0.0], device=device)
+    bufs = tuple(torch.full(dims, float("nan"), device=device) for _ in range(3 if renoise else 2))
+    with torch.no_grad():
+        expected = fused_sampler_step(x, v, s, s_next, backend=name, **kw)
+        got = fused_sampler_step(x, v, s, s_next, out=bufs, backend=name, **kw)
+    for g, b, e in zip(got, bufs, expected):
+        assert g is b and torch.equal(g, e)
+
+
+def test_out_mixed_dtypes(backend):
+    """fp32 state with a bf16 velocity (a model's output) into fp32 buffers matches the reference."""
+    name, device = backend
+    x, v = make((2, 300), torch.float32, device), make((2, 300), torch.bfloat16, device)
+    bufs = (torch.empty(2, 300, device=device), torch.empty(2, 300, device=device))
+    with torch.no_grad():
+        got = fused_sampler_step(x, v, 0.5, 0.25, out=bufs, backend=name)
+    ref = sampler_step_ref(x, v.float(), 0.5, 0.25)
+    assert_close("x_next", got.x_next, ref[0], "store", torch.float32)
+    assert_close("x0_hat", got.x0_hat, ref[1], "store", torch.float32)
+
+
+def test_out_refuses_autograd(backend):
+    name, device = backend
+    x, v = make((2, 30), torch.float32, device), leaf(make((2, 30), torch.float32, device))
+    bufs = (torch.empty(2, 30, device=device), torch.empty(2, 30, device=device))
+    with pytest.raises(ValueError, match="no_grad"):
+        fused_sampler_step(x, v, 0.5, 0.25, out=bufs, backend=name)
+    with pytest.raises(ValueError, match="contiguous"), torch.no_grad():
+        fused_sampler_step(x, v, 0.5, 0.25, out=(bufs[0], torch.empty(30, 2, device=device).t()), backend=name)
