@@ -7,6 +7,7 @@ name the dotted key. `--set a.b=value` overrides are parsed as YAML scalars.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +15,9 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
+
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -239,6 +243,32 @@ class TrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """DeepSpeed across ranks (DESIGN section 7). Used when the process was started by `deepspeed` or `torchrun`
+    (their environment names RANK and WORLD_SIZE); a plain `tdm-r1 train` runs in one process without DeepSpeed
+    and ignores this section. Every trainable role becomes a DeepSpeed engine (tdm_r1/distributed.py)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 3  # 3 partitions parameters, gradients and optimizer states of every role
+    # bf16 weights and activations with fp32 master weights in the optimizer; false = fp32 throughout (CPU tests).
+    bf16: bool = True
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and fp32 master weights in CPU memory
+    offload_params: bool = False  # stage 3: parameters in CPU memory between uses
+    # Stage 3: parameters with fewer elements are kept whole on every rank after their first use (fewer small
+    # all-gathers); 0 partitions every tensor.
+    param_persistence_threshold: int = 100_000
+    reduce_bucket_size: int = 500_000_000  # elements per gradient reduce-scatter bucket
+    prefetch_bucket_size: int = 50_000_000  # stage 3: elements of parameters fetched ahead of use
+    # A DeepSpeed JSON used instead of the fields above (see configs/ds/). The trainer still sets the batch keys,
+    # gradient_clipping (optim.grad_clip) and its own per-role AdamW (optim:), so the JSON has no optimizer section.
+    ds_config: str | None = None
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, gloo on CPU
+    timeout_minutes: int = 30  # a collective that waits longer fails instead of hanging
+    # Samples per rank per micro-batch this recipe was tuned for (train.micro_batch_groups * train.group_size /
+    # world size); a launch with another GPU count is then an error rather than a silent change. 0 = not checked.
+    micro_batch_per_gpu: int = 0
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -255,6 +285,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     diffusers: DiffusersConfig = field(default_factory=DiffusersConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -298,6 +329,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
         return dict(value)
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value)  # PyYAML reads exponents without a dot ("1e-3") as strings
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
         return float(value)

@@ -72,3 +72,11 @@ def test_saved_config_round_trips(tmp_path):
 def test_shipped_configs_load():
     cfg = load_config("configs/toy_ocr_teacher.yaml")
     assert cfg.world.name == "ocr"
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    # PyYAML reads "1e-3" as a string; a float field takes it as the number it spells
+    cfg = load_config(write(tmp_path, "pretrain:\n  lr: 1e-3\n"), ["sample.cfg=2E+0"])
+    assert cfg.pretrain.lr == 1e-3 and cfg.sample.cfg == 2.0
+    with pytest.raises(ConfigError, match="world.font_sizes"):
+        load_config(None, ["world.font_sizes=[1e1]"])  # not an int
