@@ -161,16 +161,51 @@ def state_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"state_{step:06d}.safetensors"
 
 
+# A distributed run (tdm_r1.distributed.save_state) writes a directory per training state: one safetensors file per
+# rank (the same format as above, its ZeRO-3 partitions of the role tensors) and DeepSpeed's engine checkpoints.
+SHARDED_GLOB = "state_*.shards"
+
+
+def sharded_state_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"state_{step:06d}.shards"
+
+
+def rank_file(state_dir: str | Path, rank: int) -> Path:
+    return Path(state_dir) / f"rank_{rank:05d}.safetensors"
+
+
+def is_sharded(path: str | Path) -> bool:
+    return Path(path).suffix == ".shards"
+
+
 def list_train_states(run_dir: str | Path) -> list[Path]:
-    """Training-state checkpoints of a run, oldest first."""
-    return sorted((Path(run_dir) / "checkpoints").glob(STATE_GLOB))
+    """Training-state checkpoints of a run (files, or directories of a distributed run), oldest first."""
+    d = Path(run_dir) / "checkpoints"
+    return sorted([*d.glob(STATE_GLOB), *(p for p in d.glob(SHARDED_GLOB) if p.is_dir())], key=lambda p: p.name)
 
 
 def prune_train_states(run_dir: str | Path, keep: int) -> None:
     """Delete all but the newest `keep` training-state checkpoints (keep <= 0 keeps all)."""
+    import shutil
+
     if keep > 0:
         for p in list_train_states(run_dir)[:-keep]:
-            p.unlink()
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def read_sharded_roles(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Whole role tensors of a distributed training state (ZeRO-3 partitions of every rank stitched together, no
+    DeepSpeed needed) and rank 0's info."""
+    path = Path(path)
+    state, info = read_train_state(rank_file(path, 0))
+    if info.get("zero_stage") != 3:
+        return state["roles"], info
+    parts = [state["roles"]] + [read_train_state(rank_file(path, r))[0]["roles"] for r in range(1, info["world_size"])]
+    out = {}
+    for key, shape in info["shapes"].items():
+        numel = int(torch.Size(shape).numel())
+        out[key] = torch.cat([p[key].flatten() for p in parts])[:numel].view(shape)
+    return out, info
 
 
 def rng_state(torch_generators: dict[str, torch.Generator], numpy_rngs: dict) -> dict:

@@ -1,4 +1,4 @@
-"""`tdm-r1 <command>`: pretrain, distill, train, report, sample, eval."""
+"""`tdm-r1 <command>`: pretrain, distill, train, export, report, sample, eval."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import torch
 
+from tdm_r1 import distributed
 from tdm_r1.checkpoint import CheckpointError
 from tdm_r1.config import Config, ConfigError, load_config
 from tdm_r1.rewards.base import RewardFailureError
@@ -48,6 +50,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from tdm_r1.distill import distill
 
     # The teacher checkpoint's model and world are the defaults; the YAML and --set override them.
+    if distributed.launched_world_size() > 1:
+        raise ConfigError("distill runs in one process; `deepspeed` / `torchrun` launches are for `train`")
     first = load_config(args.config, args.overrides)
     _, model_cfg, world_cfg, _ = read_model(first.roles.teacher)
     cfg = load_config(args.config, args.overrides, base={"model": to_dict(model_cfg), "world": to_dict(world_cfg)})
@@ -72,6 +76,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config_from_teacher(args)
     _setup_threads(cfg)
     train(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tdm_r1.consolidate import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.role, args.out)
+    print(f"export: wrote {args.role} of {args.checkpoint} to {out}")
     return 0
 
 
@@ -165,6 +177,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tdm-r1", description="Few-step flow models trained with TDM / TDM-R1.")
+    # the `deepspeed` launcher passes --local_rank=N before the command; the rank is read from LOCAL_RANK instead
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -212,6 +226,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from a training-state checkpoint (default: the newest one under run_dir/checkpoints)",
     )
     p.set_defaults(func=cmd_train)
+
+    from tdm_r1.consolidate import ROLES
+
+    p = sub.add_parser(
+        "export",
+        help="one role of a training state (single-process or distributed) as a model checkpoint",
+        description="Consolidate a role of a training-state checkpoint into a model checkpoint loadable by "
+        "`tdm-r1 eval`: the ranks' ZeRO-3 partitions of a distributed state are stitched together (no launcher "
+        "needed); in lora mode the role's adapter is merged into the teacher.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="state_*.safetensors, a distributed state_*.shards directory, or a run directory (its newest state)",
+    )
+    p.add_argument("--role", choices=ROLES, default="generator_ema", help="default: the EMA generator")
+    p.add_argument("--out", required=True, help="output model checkpoint (.safetensors)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "report",
@@ -262,13 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A process of a distributed launch ends here (distributed.finish: os._exit)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
     except (ConfigError, CheckpointError, PromptFileError, RewardFailureError, FileNotFoundError) as e:
         print(f"tdm-r1 {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    except BaseException:
+        if not distributed.launched():
+            raise
+        traceback.print_exc()
+        code = 1
+    return distributed.finish(code)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.config import Config, OptimConfig, TDMConfig, save_config, to_dict
+from tdm_r1.distributed import Shard
 from tdm_r1.losses import (
     fake_score_loss,
     generator_targets,
@@ -51,6 +52,7 @@ RESUMABLE_CHANGES = (
     "distill.keep_checkpoints",
     "eval.",
     "reward.",
+    "distributed.",
 )
 
 
@@ -96,8 +98,11 @@ def build_optimizers(roles: Roles, ocfg: OptimConfig) -> dict[str, torch.optim.A
     }
 
 
-def optimizer_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], clip: float) -> float:
-    """Clip, step, zero; returns the pre-clip gradient norm."""
+def optimizer_step(opt, params: list[torch.nn.Parameter], clip: float) -> float:
+    """Clip, step, zero; returns the pre-clip gradient norm. A role's DeepSpeed engine (tdm_r1.distributed) reduces
+    the gradients across ranks, clips and steps by itself."""
+    if not isinstance(opt, torch.optim.Optimizer):
+        return opt.step()
     norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -117,18 +122,21 @@ def fake_score_backward(
     tcfg: TDMConfig,
     gen: torch.Generator,
     scale: float,
+    shard: Shard | None = None,
 ) -> dict[str, float]:
-    """Fake-score loss at step j of a rollout (its stored output is the generator's x0_hat), backward."""
+    """Fake-score loss at step j of a rollout (its stored output is the generator's x0_hat), backward. `shard`: these
+    samples are rows of a larger micro-batch spread over ranks, for which the random draws are made."""
     x, v = traj.xs[j], traj.v[j]
+    shard = shard or Shard(0, x.shape[0], x.shape[0], 0, 0)
     s, s_next = _per_sample(float(traj.s[j]), x), _per_sample(float(traj.s[j + 1]), x)
     x_next, x0_hat = euler_step(x, v, s, s_next)
-    tau = sample_tau(s_next, tcfg.tau_margin, tcfg.shift, gen)
-    x_tau, _, _ = renoise(x_next, torch.randn(x.shape, generator=gen), s_next, tau)
+    tau = shard.take(sample_tau(shard.full(float(traj.s[j + 1]), x.device), tcfg.tau_margin, tcfg.shift, gen))
+    x_tau, _, _ = renoise(x_next, shard.randn(tuple(x.shape[1:]), gen, x.device), s_next, tau)
     with torch.no_grad():
         v_real = reference.velocity(x_tau, tau, cond)
     v_fake = fake.velocity(x_tau, tau, cond)
     loss, parts = fake_score_loss(x_tau, tau, x0_hat, v_fake, v_real, tcfg.fake_reg)
-    (loss * scale).backward()
+    fake.backward(loss * scale)
     return {"loss_fake": loss.item(), "fake_dsm": float(parts["dsm"].mean()), "fake_reg": float(parts["reg"].mean())}
 
 
@@ -152,7 +160,7 @@ def generator_backward(
         x0_hat, t["target_kl"], t["target_cfg"], None, t["ref_real"], None, weights, tcfg.normaliser_eps
     )
     loss = per_sample.mean()
-    (loss * scale).backward()
+    roles.generator.backward(loss * scale)
     return {"loss_gen": loss.item(), "gen_kl": float(terms[:, 0].mean()), "gen_cfg": float(terms[:, 1].mean())}
 
 
@@ -235,6 +243,11 @@ def restore_state(state: dict, progress: Progress, roles: Roles, opts: dict) -> 
         raise ckpt.CheckpointError(f"checkpoint optimizers {sorted(state['optim'])} != this run's {sorted(opts)}")
     for k, o in opts.items():
         o.load_state_dict(state["optim"][k])
+    restore_progress(state, progress)
+
+
+def restore_progress(state: dict, progress: Progress) -> None:
+    """Step, data position and RNG streams of a training state."""
     ckpt.set_rng_state(state["rng"], {"train": progress.gen}, {})
     progress.stream.load(state["data"])
     progress.step = int(state["step"])
@@ -285,15 +298,22 @@ def load_resume(
         older = [p for p in sorted(path.parent.glob(ckpt.STATE_GLOB)) if p != path]
         hint = f"; the previous checkpoint {older[-1]} is intact: --resume {older[-1]}" if older else ""
         raise ckpt.CheckpointError(f"{e}{hint}") from e
+    check_resume_info(path, info, cfg, teacher_sha, command, resumable)
+    try:
+        restore_state(state, progress, roles, opts)
+    except (KeyError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path}: does not match this run's roles/optimizers: {e}") from e
+
+
+def check_resume_info(
+    path: Path, info: dict, cfg: Config, teacher_sha: str, command: str, resumable: tuple[str, ...]
+) -> None:
+    """The checkpoint was written by `command` against this teacher with a config that differs only in `resumable`."""
     if info.get("command") != command:
         raise ckpt.CheckpointError(f"{path} was written by {info.get('command')!r}, not by {command}")
     if info.get("teacher_sha256") != teacher_sha:
         raise ckpt.CheckpointError(f"{path} was trained against a different teacher than {cfg.roles.teacher}")
     check_resume_config(info["config"], to_dict(cfg), path, resumable)
-    try:
-        restore_state(state, progress, roles, opts)
-    except (KeyError, ValueError) as e:
-        raise ckpt.CheckpointError(f"{path}: does not match this run's roles/optimizers: {e}") from e
 
 
 def save_checkpoint(cfg: Config, progress: Progress, roles: Roles, opts: dict, teacher_sha: str) -> Path:

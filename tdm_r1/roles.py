@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +28,7 @@ from tdm_r1.models.base import Cond
 TRAINABLE = ("generator", "fake", "surrogate")
 # frozen copy -> the trainable role it follows by EMA
 SHADOWS = {"generator_ema": "generator", "slow_surrogate": "surrogate"}
+Placement = Callable[[nn.Module], nn.Module]
 
 
 class _AdapterHost:
@@ -82,6 +83,9 @@ class Role:
     module: nn.Module | None = None
     host: _AdapterHost | None = None
     adapter: str | None = None
+    # Distributed runs: the callable (x, s, cond) -> v that runs this role's module through its DeepSpeed engine,
+    # with .backward(loss) on trainable roles (tdm_r1.distributed.wrap_roles). None: call the module directly.
+    engine: Callable | None = field(default=None, repr=False)
 
     def _ctx(self):
         if self.host is None:
@@ -90,7 +94,14 @@ class Role:
 
     def velocity(self, x: Tensor, s: Tensor, cond: Cond) -> Tensor:
         with self._ctx() as m:
-            return m.velocity(x, s, cond)
+            return m.velocity(x, s, cond) if self.engine is None else self.engine(x, s, cond)
+
+    def backward(self, loss: Tensor) -> None:
+        """loss.backward(), or the engine's backward, which also reduces the gradients across ranks."""
+        if self.engine is None:
+            loss.backward()
+        else:
+            self.engine.backward(loss)
 
     def velocity_cfg(self, x: Tensor, s: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
         """(v_cond, v_uncond) in one batched call."""
@@ -136,16 +147,20 @@ class Roles:
     def trainable(self) -> dict[str, list[nn.Parameter]]:
         return {n: r.parameters() for n, r in self.active().items() if r.trainable}
 
-    def state_tensors(self) -> dict[str, Tensor]:
-        """Every role-owned tensor (not the frozen teacher), keyed `<role>/<param name>`."""
+    def state_params(self) -> dict[str, nn.Parameter]:
+        """Every role-owned parameter (not the frozen teacher), keyed `<role>/<param name>`."""
         out = {}
         for n, r in self.active().items():
             if n == "reference":
                 continue
             named = r.host.model.named_parameters() if r.host is not None else r.module.named_parameters()
             own = {id(p) for p in r.parameters()}
-            out.update({f"{n}/{k}": p.detach() for k, p in named if id(p) in own})
+            out.update({f"{n}/{k}": p for k, p in named if id(p) in own})
         return out
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Every role-owned tensor (not the frozen teacher), keyed `<role>/<param name>`."""
+        return {k: p.detach() for k, p in self.state_params().items()}
 
     @torch.no_grad()
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
@@ -161,9 +176,13 @@ class Roles:
     @torch.no_grad()
     def update_shadow(self, shadow: str, decay: float) -> None:
         """shadow <- decay * shadow + (1 - decay) * source (generator_ema, slow_surrogate)."""
+        from tdm_r1.distributed import local_views
+
         dst, src = getattr(self, shadow), getattr(self, SHADOWS[shadow])
         for pd, ps in zip(dst.parameters(), src.parameters(), strict=True):
-            pd.lerp_(ps, 1.0 - decay)
+            # ZeRO-3: both are partitioned alike, so each rank updates its own partition (no communication)
+            for vd, vs in zip(local_views(pd), local_views(ps), strict=True):
+                vd.lerp_(vs, 1.0 - decay)
 
     @torch.no_grad()
     def export(self, role: str = "generator_ema") -> dict[str, Tensor]:
@@ -192,7 +211,11 @@ def _lora_config(cfg: RolesConfig):
 
 
 def _build_lora(
-    cfg: RolesConfig, teacher: nn.Module, names: list[str], generator_adapter: dict[str, Tensor] | None
+    cfg: RolesConfig,
+    teacher: nn.Module,
+    names: list[str],
+    generator_adapter: dict[str, Tensor] | None,
+    place: Placement,
 ) -> Roles:
     from peft import get_peft_model
 
@@ -213,6 +236,7 @@ def _build_lora(
                 for pd, ps in zip(host.adapter_params(shadow), host.adapter_params(src), strict=True):
                     pd.copy_(ps)
     host._activate(names[0])
+    place(host.model)
     return Roles("lora", Role("reference", False, host=host, adapter=None), host=host, **roles)
 
 
@@ -226,14 +250,17 @@ def _load_adapter(host: _AdapterHost, adapter: str, tensors: dict[str, Tensor]) 
         p.copy_(tensors[k])
 
 
-def _build_full(cfg: RolesConfig, teacher: nn.Module, names: list[str], generator: nn.Module | None) -> Roles:
+def _build_full(
+    cfg: RolesConfig, teacher: nn.Module, names: list[str], generator: nn.Module | None, place: Placement
+) -> Roles:
     roles: dict[str, Role] = {}
     for n in names:
+        # a shadow starts equal to its source role: a copy of the same model
         src = generator if n in ("generator", "generator_ema") and generator is not None else teacher
-        src = roles[SHADOWS[n]].module if n in SHADOWS else src
-        m = copy.deepcopy(src).eval().requires_grad_(n in TRAINABLE)
+        m = place(copy.deepcopy(src).eval().requires_grad_(n in TRAINABLE))
         roles[n] = Role(n, n in TRAINABLE, module=m)
-    return Roles("full", Role("reference", False, module=copy.deepcopy(teacher).eval().requires_grad_(False)), **roles)
+    reference = place(copy.deepcopy(teacher).eval().requires_grad_(False))
+    return Roles("full", Role("reference", False, module=reference), **roles)
 
 
 def build_roles(
@@ -243,14 +270,17 @@ def build_roles(
     surrogate: bool = True,
     fake: bool = True,
     generator_init: nn.Module | dict[str, Tensor] | None = None,
+    place: Placement | None = None,
 ) -> Roles:
     """Wire the roles around a teacher model.
 
     generator_init: full mode, a model with the few-step generator's weights; lora mode, the generator
     adapter tensors (`Roles.adapter_tensors`). None starts the generator at the teacher. `surrogate`
     adds the surrogate and its slow copy (TDM-R1); `fake` the fake score (both TDM and TDM-R1).
+    `place` is applied to each module as soon as it is built (ZeRO-3 partitions it there: Dist.place).
     The teacher itself is never modified.
     """
+    place = place or (lambda m: m)
     names = (
         ["generator", "generator_ema"]
         + (["fake"] if fake else [])
@@ -259,9 +289,9 @@ def build_roles(
     if cfg.mode == "lora":
         if isinstance(generator_init, nn.Module):
             raise TypeError("roles.mode=lora starts the generator from adapter tensors, not a model")
-        return _build_lora(cfg, teacher, names, generator_init)
+        return _build_lora(cfg, teacher, names, generator_init, place)
     if cfg.mode == "full":
         if generator_init is not None and not isinstance(generator_init, nn.Module):
             raise TypeError("roles.mode=full starts the generator from a model, not adapter tensors")
-        return _build_full(cfg, teacher, names, generator_init)
+        return _build_full(cfg, teacher, names, generator_init, place)
     raise ValueError(f"unknown roles.mode {cfg.mode!r}")

@@ -22,6 +22,7 @@ from torch import Tensor
 from tdm_r1.advantages import group_advantages
 from tdm_r1.config import Config, TDMConfig, TrainConfig
 from tdm_r1.distill import PromptStream, fake_score_backward
+from tdm_r1.distributed import LOCAL, Dist, Shard, Split
 from tdm_r1.losses import (
     generator_targets,
     generator_term_weights,
@@ -51,32 +52,37 @@ RESUMABLE_CHANGES = (
     "train.max_reward_failure",
     "eval.",
     "reward.threads",
+    "distributed.",
 )
 
 
 @dataclass
 class Batch:
-    """One epoch's rollouts: P prompts x G samples, whole trajectories, rewards and advantages."""
+    """One epoch's rollouts: P prompts x G samples (this rank's share of them), whole trajectories, rewards and
+    advantages; or one micro-batch of them."""
 
     words: list[str]
     prompts: list[str]
     cond: Cond
     traj: Trajectory
-    group_ids: Tensor  # [N] prompt group of each sample
+    group_ids: Tensor  # [N] prompt group of each sample (within its micro-batch, for a micro-batch)
     rewards: Tensor  # [N], NaN = the scorer failed
     adv: Tensor  # [N]
+    split: Split | None = None  # an epoch: which of the P x G samples this rank holds
+    shard: Shard | None = None  # a micro-batch: its rows of the global micro-batch, for which draws are made
 
-    def select(self, idx: Tensor) -> Batch:
+    def select(self, rows: slice, shard: Shard) -> Batch:
+        idx = torch.arange(rows.start, rows.stop)
         t = Trajectory(self.traj.xs[:, idx], self.traj.s, self.traj.v[:, idx])
-        gid = self.group_ids[idx]
         return Batch(
             [self.words[i] for i in idx.tolist()],
             [self.prompts[i] for i in idx.tolist()],
             self.cond[idx],
             t,
-            gid - gid.min(),
+            self.group_ids[idx] - shard.first_group,
             self.rewards[idx],
             self.adv[idx],
+            shard=shard,
         )
 
 
@@ -84,10 +90,15 @@ def _full(value: float, like: Tensor) -> Tensor:
     return torch.full((like.shape[0],), float(value), device=like.device)
 
 
-def group_noise(group_ids: Tensor, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
-    """Noise shared within each prompt group: [N, *shape] with rows of one group equal."""
-    n_groups = int(group_ids.max()) + 1
+def group_noise(group_ids: Tensor, n_groups: int, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
+    """Noise shared within each prompt group: [N, *shape] with rows of one group equal (drawn for all `n_groups`
+    groups of the global micro-batch, so a group spread over ranks gets one noise)."""
     return torch.randn((n_groups, *shape), generator=gen)[group_ids]
+
+
+def _tau(mb: Batch, s_lo: float, tdm: TDMConfig, gen: torch.Generator, device: torch.device) -> Tensor:
+    """tau [B] above s_lo for this micro-batch's samples (drawn for the whole global micro-batch)."""
+    return mb.shard.take(sample_tau(mb.shard.full(s_lo, device), tdm.tau_margin, tdm.shift, gen))
 
 
 # -- 1. rollout + 2. rewards ----------------------------------------------------------------------------
@@ -121,47 +132,53 @@ def rollout_phase(
     tc: TrainConfig,
     tdm: TDMConfig,
     gen: torch.Generator,
+    split: Split | None = None,
 ) -> Batch:
-    """P prompts x G samples through the generator's K-step sampler; rewards scored chunk by chunk."""
+    """P prompts x G samples through the generator's K-step sampler; rewards scored chunk by chunk. With `split`,
+    this rank rolls out its rows of each micro-batch; the prompts and noise are drawn for all of them."""
+    n = tc.prompts_per_epoch * tc.group_size
+    split = split or Split(n, tc.micro_batch_groups * tc.group_size, tc.group_size)
     words = stream.next(tc.prompts_per_epoch)
-    words_rep = [w for w in words for _ in range(tc.group_size)]
+    words_rep = split.take_list([w for w in words for _ in range(tc.group_size)])
     prompts = [world.prompt(w) for w in words_rep]
-    group_ids = torch.arange(len(words)).repeat_interleave(tc.group_size)
+    group_ids = split.take(torch.arange(len(words)).repeat_interleave(tc.group_size))
     cond = roles.generator.encode_prompts(prompts)
     c = world.cfg
-    noise = torch.randn((len(prompts), *roles.generator.latent_shape(c.height, c.width)), generator=gen)
-    chunk = tc.micro_batch_groups * tc.group_size
+    noise = split.take(torch.randn((n, *roles.generator.latent_shape(c.height, c.width)), generator=gen))
     trajs, futures = [], []
-    for i in range(0, len(prompts), chunk):
-        sl = slice(i, i + chunk)
+    for sl, _ in split.micro_batches():
         t = rollout(roles.generator, cond[sl], noise[sl], steps=tdm.steps, shift=tdm.shift, eta=tc.eta, generator=gen)
         trajs.append(t)
         futures.append(scorer.submit(roles.generator.decode(t.sample), prompts[sl]))
     traj = Trajectory(torch.cat([t.xs for t in trajs], 1), trajs[0].s, torch.cat([t.v for t in trajs], 1))
     rewards = torch.cat([f.result() for f in futures])
-    return Batch(words_rep, prompts, cond, traj, group_ids, rewards, torch.zeros_like(rewards))
+    return Batch(words_rep, prompts, cond, traj, group_ids, rewards, torch.zeros_like(rewards), split=split)
 
 
 # -- 3. advantages --------------------------------------------------------------------------------------
 
 
-def advantage_phase(batch: Batch, tc: TrainConfig) -> dict[str, float]:
-    failed = int(torch.isnan(batch.rewards).sum())
-    rate = failed / batch.rewards.numel()
+def advantage_phase(batch: Batch, tc: TrainConfig, dist: Dist = LOCAL) -> dict[str, float]:
+    """Group advantages over the whole epoch: every rank gathers all rewards, so its advantages are exactly the
+    single-process ones."""
+    rewards = dist.gather_rows(batch.rewards, batch.split)
+    failed = int(torch.isnan(rewards).sum())
+    rate = failed / rewards.numel()
     if rate > tc.max_reward_failure:
         raise RewardFailureError(
-            f"{failed} of {batch.rewards.numel()} samples could not be scored ({rate:.0%} > "
+            f"{failed} of {rewards.numel()} samples could not be scored ({rate:.0%} > "
             f"train.max_reward_failure={tc.max_reward_failure:.0%})"
         )
-    batch.adv = group_advantages(batch.rewards, batch.group_ids, tc.adv_eps, tc.adv_clip)
-    ok = ~torch.isnan(batch.rewards)
-    r = batch.rewards[ok]
+    adv = group_advantages(rewards, dist.gather_rows(batch.group_ids, batch.split), tc.adv_eps, tc.adv_clip)
+    batch.adv = batch.split.take(adv)
+    ok = ~torch.isnan(rewards)
+    r = rewards[ok]
     return {
         "reward_mean": float(r.mean()) if ok.any() else math.nan,
         "reward_std": float(r.std(unbiased=False)) if ok.sum() > 1 else 0.0,
         "reward_exact": float((r == 1.0).float().mean()) if ok.any() else math.nan,
         "reward_failed": failed,
-        "adv_abs_mean": float(batch.adv.abs().mean()),
+        "adv_abs_mean": float(adv.abs().mean()),
     }
 
 
@@ -175,14 +192,22 @@ def draw_surrogate_step(k_steps: int, gen: torch.Generator) -> int:
 
 
 def surrogate_backward(
-    roles: Roles, mb: Batch, k: int, tc: TrainConfig, tdm: TDMConfig, gen: torch.Generator, scale: float
+    roles: Roles,
+    mb: Batch,
+    k: int,
+    tc: TrainConfig,
+    tdm: TDMConfig,
+    gen: torch.Generator,
+    scale: float,
+    dist: Dist = LOCAL,
 ) -> dict[str, float]:
-    """Group preference loss of the surrogate at the stored state x_{s_{k+1}}, backward."""
+    """Group preference loss of the surrogate at the stored state x_{s_{k+1}}, backward. Group scores and the
+    reference gate's batch drift are summed over the ranks that share the micro-batch."""
     x = mb.traj.xs[k + 1]
     s_val = float(mb.traj.s[k + 1])
     s = _full(s_val, x)
-    tau = sample_tau(_full(max(s_val, tc.t_min_surrogate), x), tdm.tau_margin, tdm.shift, gen)
-    n = group_noise(mb.group_ids, tuple(x.shape[1:]), gen)
+    tau = _tau(mb, max(s_val, tc.t_min_surrogate), tdm, gen, x.device)
+    n = group_noise(mb.group_ids, mb.shard.groups, tuple(x.shape[1:]), gen).to(x.device)
     x_tau, a, b = renoise(x, n, s, tau)
     v_sur = roles.surrogate.velocity(x_tau, tau, mb.cond)
     reference = roles.reference if tc.surrogate_reference == "teacher" else roles.slow_surrogate
@@ -194,11 +219,21 @@ def surrogate_backward(
     l = velocity_target_mse(x, n, s, tau, a, b, v_sur)
     drift = (v_sur.float() - v_ref.float()).square().mean()
     pref = group_preference(
-        l, l_ref, l_old, mb.adv, mb.group_ids, tc.group_size, tc.beta_dpo, tc.ppo_clip, drift, tc.ref_gate_threshold
+        l,
+        l_ref,
+        l_old,
+        mb.adv,
+        mb.group_ids,
+        tc.group_size,
+        tc.beta_dpo,
+        tc.ppo_clip,
+        dist.mean(drift.detach()),
+        tc.ref_gate_threshold,
+        group_score_sum=dist.group_score_sum(mb.shard.groups),
     )
     tw = (k + 1) / tdm.steps
     loss = surrogate_loss(l, mb.adv, pref, drift, tc.surrogate_beta, tw)
-    (loss * scale).backward()
+    roles.surrogate.backward(loss * scale)
     return {
         "loss_sur": loss.item(),
         "sur_l_minus_ref": float((l.detach() - l_ref).mean()),
@@ -222,11 +257,11 @@ def generator_backward(
     v = roles.generator.velocity(x, s, mb.cond)
     x_next, x0_hat = euler_step(x, v, s, s_next)
     x_next = x_next.detach()
-    tau = sample_tau(s_next, tdm.tau_margin, tdm.shift, gen)
-    x_tau, _, _ = renoise(x_next, torch.randn(x.shape, generator=gen), s_next, tau)
-    lo = torch.clamp(s_next, min=tc.t_min_generator)
-    tau2 = sample_tau(lo, tdm.tau_margin, tdm.shift, gen)
-    n2 = group_noise(mb.group_ids, tuple(x.shape[1:]), gen)
+    s_next_val = float(mb.traj.s[j + 1])
+    tau = _tau(mb, s_next_val, tdm, gen, x.device)
+    x_tau, _, _ = renoise(x_next, mb.shard.randn(tuple(x.shape[1:]), gen, x.device), s_next, tau)
+    tau2 = _tau(mb, max(s_next_val, tc.t_min_generator), tdm, gen, x.device)
+    n2 = group_noise(mb.group_ids, mb.shard.groups, tuple(x.shape[1:]), gen).to(x.device)
     with torch.no_grad():
         v_c, v_u = roles.reference.velocity_cfg(x_tau, tau, mb.cond)
         v_f = roles.fake.velocity(x_tau, tau, mb.cond)
@@ -275,7 +310,7 @@ def generator_backward(
             direct = (mb.adv * l_gen).mean()
             loss = loss + w_rl * direct
             rl_terms["gen_direct_rl"] = direct.item()
-    (loss * scale).backward()
+    roles.generator.backward(loss * scale)
     return {
         "loss_gen": loss.item(),
         "gen_kl": float(terms[:, 0].mean()),
@@ -292,11 +327,10 @@ def draw_steps(k_steps: int, m: int, gen: torch.Generator) -> list[int]:
     return torch.randint(0, k_steps, (m,), generator=gen).tolist()
 
 
-def micro_batches(batch: Batch, tc: TrainConfig) -> list[Batch]:
-    """Whole prompt groups per micro-batch, so each group's preference score is complete."""
-    size = tc.micro_batch_groups * tc.group_size
-    n = batch.rewards.numel()
-    return [batch.select(torch.arange(i, min(i + size, n))) for i in range(0, n, size)]
+def micro_batches(batch: Batch) -> list[Batch]:
+    """Whole prompt groups per global micro-batch, so each group's preference score is complete (its partial sums
+    are all-reduced when the micro-batch spans ranks)."""
+    return [batch.select(rows, shard) for rows, shard in batch.split.micro_batches()]
 
 
 def update_phase(
@@ -308,12 +342,13 @@ def update_phase(
     cfg: Config,
     epoch: int,
     gen: torch.Generator,
+    dist: Dist = LOCAL,
 ) -> dict[str, float]:
     """fake -> surrogate -> generator for every micro-batch and M drawn steps; gradients accumulate
-    into `tc.optimizer_steps_per_epoch` optimizer steps per role."""
+    into `tc.optimizer_steps_per_epoch` optimizer steps per role. Returns means over all ranks' samples."""
     from tdm_r1.distill import optimizer_step
 
-    mbs = micro_batches(batch, tc)
+    mbs = micro_batches(batch)
     n_steps = max(1, min(tc.optimizer_steps_per_epoch, len(mbs)))
     bounds = [round(i * len(mbs) / n_steps) for i in range(n_steps + 1)]
     sums: dict[str, float] = {}
@@ -329,9 +364,9 @@ def update_phase(
                         mb.traj.v[j] = roles.generator.velocity(
                             mb.traj.xs[j], _full(float(mb.traj.s[j]), mb.traj.xs[j]), mb.cond
                         )
-                parts = fake_score_backward(roles.fake, roles.reference, mb.cond, mb.traj, j, tdm, gen, scale)
+                parts = fake_score_backward(roles.fake, roles.reference, mb.cond, mb.traj, j, tdm, gen, scale, mb.shard)
                 k = draw_surrogate_step(tdm.steps, gen)
-                parts |= surrogate_backward(roles, mb, k, tc, tdm, gen, scale)
+                parts |= surrogate_backward(roles, mb, k, tc, tdm, gen, scale, dist)
                 parts |= generator_backward(roles, mb, j, tc, tdm, gen, scale)
                 for key, v in parts.items():
                     sums[key] = sums.get(key, 0.0) + v
@@ -342,7 +377,7 @@ def update_phase(
             sums[f"grad_norm_{role}"] = sums.get(f"grad_norm_{role}", 0.0) + norm * count / n_steps
         roles.update_shadow("generator_ema", cfg.optim.generator_ema_decay)
         roles.update_shadow("slow_surrogate", slow_decay)
-    out = {k: v / count for k, v in sums.items()}
+    out = dist.mean_metrics({k: v / count for k, v in sums.items()})
     out["slow_decay"] = slow_decay
     return out
 
@@ -360,8 +395,9 @@ def evaluate_role(
     return evaluate(role, world, state["reward"], words, nfe, guidance, cfg.tdm.shift, cfg.eval)
 
 
-def baseline_evals(cfg: Config, roles: Roles, world, words: list[str], state: dict) -> dict:
-    """Teacher at sample.nfe + CFG and at K steps, and the starting generator at K steps (cached per run)."""
+def baseline_evals(cfg: Config, roles: Roles, world, words: list[str], state: dict, dist: Dist = LOCAL) -> dict:
+    """Teacher at sample.nfe + CFG and at K steps, and the starting generator at K steps (cached per run; every rank
+    takes rank 0's view of the cache, since evaluating partitioned roles is collective)."""
     import json
     from pathlib import Path
 
@@ -372,10 +408,10 @@ def baseline_evals(cfg: Config, roles: Roles, world, words: list[str], state: di
         "words": len(words),
         "seed": cfg.eval.seed,
     }
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached["results"]
+    cached = json.loads(path.read_text()) if dist.is_main and path.is_file() else None
+    cached = dist.broadcast_object(cached)
+    if cached is not None and cached.get("key") == key:
+        return cached["results"]
     results = {
         "teacher_32nfe_cfg": evaluate_role(roles.reference, world, cfg, words, cfg.sample.nfe, cfg.sample.cfg, state)[
             0
@@ -383,26 +419,57 @@ def baseline_evals(cfg: Config, roles: Roles, world, words: list[str], state: di
         "teacher_4nfe": evaluate_role(roles.reference, world, cfg, words, cfg.tdm.steps, 1.0, state)[0],
         "tdm_4nfe": evaluate_role(roles.generator_ema, world, cfg, words, cfg.tdm.steps, 1.0, state)[0],
     }
-    path.write_text(json.dumps({"key": key, "results": results}, indent=2) + "\n")
+    if dist.is_main:
+        path.write_text(json.dumps({"key": key, "results": results}, indent=2) + "\n")
     return results
 
 
-def _save_state(cfg: Config, progress, roles: Roles, opts: dict, teacher_sha: str):
+def _save_state(cfg: Config, progress, roles: Roles, opts: dict, teacher_sha: str, dist: Dist = LOCAL):
+    """One training state: a file, or in a distributed run a directory of per-rank files (collective)."""
     from tdm_r1 import checkpoint as ckpt
     from tdm_r1.config import to_dict
     from tdm_r1.distill import capture_state
 
-    path = ckpt.state_path(cfg.run_dir, progress.step)
     info = {"command": "train", "config": to_dict(cfg), "teacher_sha256": teacher_sha, "epoch": progress.step}
-    ckpt.save_train_state(path, capture_state(progress, roles, opts), info)
-    ckpt.prune_train_states(cfg.run_dir, cfg.train.keep_checkpoints)
+    if dist.deepspeed:
+        from tdm_r1.distributed import save_state
+
+        state = {"step": progress.step, "data": progress.stream.state()}
+        state["rng"] = ckpt.rng_state({"train": progress.gen}, {})
+        path = save_state(ckpt.sharded_state_path(cfg.run_dir, progress.step), dist, roles, opts, state, info)
+    else:
+        path = ckpt.state_path(cfg.run_dir, progress.step)
+        ckpt.save_train_state(path, capture_state(progress, roles, opts), info)
+    if dist.is_main:
+        ckpt.prune_train_states(cfg.run_dir, cfg.train.keep_checkpoints)
     return path
 
 
-def _export_generator(cfg: Config, roles: Roles, epoch: int, minutes: float):
+def _resume(path, cfg: Config, progress, roles: Roles, opts: dict, teacher_sha: str, dist: Dist) -> None:
+    from tdm_r1 import checkpoint as ckpt
+    from tdm_r1.distill import check_resume_info, load_resume, restore_progress
+
+    if ckpt.is_sharded(path) != dist.deepspeed:
+        raise ckpt.CheckpointError(
+            f"{path} was written by a {'distributed' if ckpt.is_sharded(path) else 'single-process'} run; resume it "
+            "the same way (a distributed state on as many ranks), or `tdm-r1 export` a role from it"
+        )
+    if not dist.deepspeed:
+        load_resume(path, cfg, progress, roles, opts, teacher_sha, command="train", resumable=RESUMABLE_CHANGES)
+        return
+    from tdm_r1.distributed import load_state
+
+    state, info = load_state(path, dist, roles, opts)
+    check_resume_info(path, info, cfg, teacher_sha, "train", RESUMABLE_CHANGES)
+    restore_progress(state, progress)
+
+
+def _export_generator(cfg: Config, roles: Roles, teacher, epoch: int, minutes: float, dist: Dist = LOCAL):
+    """generator.safetensors from the EMA generator (gathered first when partitioned: collective)."""
     from pathlib import Path
 
     from tdm_r1 import checkpoint as ckpt
+    from tdm_r1.consolidate import role_weights
 
     info = {
         "kind": "tdm_r1",
@@ -414,18 +481,22 @@ def _export_generator(cfg: Config, roles: Roles, epoch: int, minutes: float):
         "generator_init": cfg.roles.generator_init,
     }
     out = Path(cfg.run_dir) / "generator.safetensors"
-    ckpt.save_model(out, roles.export("generator_ema"), cfg.model, cfg.world, **info)
+    weights = role_weights(roles, "generator_ema", teacher, cfg.roles)
+    if dist.is_main:
+        ckpt.save_model(out, weights, cfg.model, cfg.world, **info)
     return out
 
 
 def train(cfg: Config, resume: str | None = None) -> dict:
-    """Run TDM-R1; returns the summary written to <run_dir>/summary.json."""
+    """Run TDM-R1; returns the summary written to <run_dir>/summary.json. Under `deepspeed` / `torchrun` every rank
+    runs this with its share of each epoch's samples; rank 0 writes the run directory."""
     import json
     import time
     from pathlib import Path
 
     from tqdm import tqdm
 
+    from tdm_r1 import distributed
     from tdm_r1.config import save_config
     from tdm_r1.distill import (
         Progress,
@@ -433,7 +504,6 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         build_optimizers,
         file_sha256,
         load_generator_init,
-        load_resume,
         load_teacher,
         resolve_resume,
     )
@@ -444,47 +514,54 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     from tdm_r1.worlds.ocr import build_world
 
     tc, run = cfg.train, Path(cfg.run_dir)
+    dist = distributed.init(cfg.distributed, cfg.optim)
+    split = distributed.epoch_split(tc, dist, cfg.distributed.micro_batch_per_gpu)
     torch.manual_seed(cfg.seed)
     world = build_world(cfg.world)
     teacher = load_teacher(cfg)
     teacher_sha = file_sha256(cfg.roles.teacher)
-    roles = build_roles(cfg.roles, teacher, surrogate=True, fake=True, generator_init=load_generator_init(cfg))
-    opts = build_optimizers(roles, cfg.optim)
+    roles = build_roles(
+        cfg.roles, teacher, surrogate=True, fake=True, generator_init=load_generator_init(cfg), place=dist.place
+    )
+    opts = distributed.wrap_roles(roles, cfg.optim, dist) if dist.deepspeed else build_optimizers(roles, cfg.optim)
     progress = Progress(0, PromptStream(world.words("train"), cfg.seed), torch.Generator().manual_seed(cfg.seed))
     if resume is not None:
         path = resolve_resume(resume, run)
-        load_resume(path, cfg, progress, roles, opts, teacher_sha, command="train", resumable=RESUMABLE_CHANGES)
-        _truncate_log(run / "metrics.jsonl", progress.step, key="epoch")
-        print(f"train: resumed from {path} at epoch {progress.step}")
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.yaml")
+        _resume(path, cfg, progress, roles, opts, teacher_sha, dist)
+        if dist.is_main:
+            _truncate_log(run / "metrics.jsonl", progress.step, key="epoch")
+        dist.print(f"train: resumed from {path} at epoch {progress.step}")
+    if dist.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "config.yaml")
     scorer = RewardScorer([(build_reward(r.name, cfg=cfg.reward, word_of=world.word_of), r.weight) for r in tc.rewards])
     heldout = eval_words(world, "heldout", cfg.eval.n_train, cfg.eval.seed)
     eval_state: dict = {}
-    reporter = RunReporter(run, tensorboard=tc.tensorboard)
-    baselines = baseline_evals(cfg, roles, world, heldout, eval_state) if tc.eval_baselines else {}
+    reporter = RunReporter(run, tensorboard=tc.tensorboard) if dist.is_main else None
+    baselines = baseline_evals(cfg, roles, world, heldout, eval_state, dist) if tc.eval_baselines else {}
     if progress.step == 0:
         start = evaluate_role(roles.generator_ema, world, cfg, heldout, cfg.tdm.steps, 1.0, eval_state)
-        reporter.grid(start[1], "samples_start.png")
-    n_train = {k: sum(p.numel() for p in v) for k, v in roles.trainable().items()}
-    print(
+        if reporter is not None:
+            reporter.grid(start[1], "samples_start.png")
+    n_train = {k: sum(getattr(p, "ds_numel", p.numel()) for p in v) for k, v in roles.trainable().items()}
+    dist.print(
         f"train: {cfg.roles.mode} roles, trainable {n_train}, {tc.epochs} epochs of "
-        f"{tc.prompts_per_epoch}x{tc.group_size} samples -> {run}"
+        f"{tc.prompts_per_epoch}x{tc.group_size} samples on {dist.world} rank(s) -> {run}"
     )
     t_start = time.time()
-    bar = tqdm(range(progress.step + 1, tc.epochs + 1), desc="train", dynamic_ncols=True)
+    bar = tqdm(range(progress.step + 1, tc.epochs + 1), desc="train", dynamic_ncols=True, disable=not dist.is_main)
     try:
         for epoch in bar:
             rec: dict = {"epoch": epoch}
             t0 = time.time()
-            batch = rollout_phase(roles, world, progress.stream, scorer, tc, cfg.tdm, progress.gen)
+            batch = rollout_phase(roles, world, progress.stream, scorer, tc, cfg.tdm, progress.gen, split)
             t1 = time.time()
             try:
-                rec |= advantage_phase(batch, tc)
+                rec |= advantage_phase(batch, tc, dist)
             except RewardFailureError as e:
-                path = _save_state(cfg, progress, roles, opts, teacher_sha)
+                path = _save_state(cfg, progress, roles, opts, teacher_sha, dist)
                 raise RewardFailureError(f"epoch {epoch}: {e}; state saved at {path} (resume with --resume)") from e
-            rec |= update_phase(roles, opts, batch, tc, cfg.tdm, cfg, epoch, progress.gen)
+            rec |= update_phase(roles, opts, batch, tc, cfg.tdm, cfg, epoch, progress.gen, dist)
             t2 = time.time()
             progress.step = epoch
             if tc.eval_every > 0 and epoch % tc.eval_every == 0 and epoch != tc.epochs:
@@ -495,16 +572,16 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 "sec_update": round(t2 - t1, 2),
                 "sec_eval": round(time.time() - t2, 2),
             }
-            reporter.log(rec, step=epoch)
+            if reporter is not None:
+                reporter.log(rec, step=epoch)
             bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", gen=f"{rec['loss_gen']:.3f}")
             if (tc.checkpoint_every > 0 and epoch % tc.checkpoint_every == 0) or epoch == tc.epochs:
-                _save_state(cfg, progress, roles, opts, teacher_sha)
+                _save_state(cfg, progress, roles, opts, teacher_sha, dist)
     finally:
         scorer.close()
     minutes = round((time.time() - t_start) / 60, 2)
-    generator = _export_generator(cfg, roles, progress.step, minutes)
+    generator = _export_generator(cfg, roles, teacher, progress.step, minutes, dist)
     final, images = evaluate_role(roles.generator_ema, world, cfg, heldout, cfg.tdm.steps, 1.0, eval_state)
-    reporter.grid(images, "samples_end.png")
     summary = {
         **baselines,
         "tdm_r1_4nfe": final,
@@ -512,7 +589,9 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         "checkpoint": str(generator),
         "epochs": progress.step,
     }
-    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    reporter.finish(summary)
-    print(f"train: wrote {generator} after {minutes:.1f} min; held-out ocr_mean {final['ocr_mean']:.3f}")
+    if reporter is not None:
+        reporter.grid(images, "samples_end.png")
+        (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        reporter.finish(summary)
+    dist.print(f"train: wrote {generator} after {minutes:.1f} min; held-out ocr_mean {final['ocr_mean']:.3f}")
     return summary

@@ -1,0 +1,80 @@
+"""`tdm-r1 export`: one role of a training state as a model checkpoint that `tdm-r1 eval` loads.
+
+A training state is one file (single-process run) or a directory with one file per rank (distributed run); the
+ranks' ZeRO-3 partitions are stitched back together here, without DeepSpeed or a launcher. A role's weights are the
+model it runs: full mode, its own module's parameters; lora mode, the teacher with the role's adapter merged in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from tdm_r1 import checkpoint as ckpt
+from tdm_r1.config import Config, RolesConfig, from_dict
+from tdm_r1.roles import Roles, build_roles
+
+ROLES = ("generator_ema", "generator", "fake", "surrogate", "slow_surrogate")
+
+
+def _merged(roles_cfg: RolesConfig, teacher: nn.Module, adapter: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The teacher with one adapter merged (Roles.export on a fresh, undistributed host carrying only it)."""
+    return build_roles(roles_cfg, teacher, surrogate=False, fake=False, generator_init=adapter).export("generator_ema")
+
+
+def role_weights(roles: Roles, role: str, teacher: nn.Module, roles_cfg: RolesConfig) -> dict[str, Tensor]:
+    """Plain weights of one role, on every rank. Collective when the roles are ZeRO-3 partitioned: each tensor is
+    gathered in turn, so no rank holds more than one role whole."""
+    from tdm_r1.distributed import full_state, gathered, is_partitioned
+
+    r = getattr(roles, role)
+    if not any(is_partitioned(p) for p in r.parameters()):
+        return roles.export(role)
+    if roles.mode == "full":
+        params = full_state(r.module.named_parameters())
+        return {k: params[k] if k in params else v.detach().cpu().clone() for k, v in r.module.state_dict().items()}
+    with gathered(r.parameters()):
+        adapter = roles.adapter_tensors(role)
+    return _merged(roles_cfg, teacher, adapter)
+
+
+def read_role_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """Every role tensor (`<role>/<name>`, whole) of a training state, and its info."""
+    path = Path(path)
+    if ckpt.is_sharded(path):
+        return ckpt.read_sharded_roles(path)
+    state, info = ckpt.read_train_state(path)
+    return state["roles"], info
+
+
+def export_checkpoint(path: str | Path, role: str, out: str | Path) -> Path:
+    """Write `role` of the training state at `path` (a run directory: its newest state) as a model checkpoint."""
+    from tdm_r1.distill import file_sha256, load_teacher
+
+    path = Path(path)
+    if path.is_dir() and not ckpt.is_sharded(path):
+        states = ckpt.list_train_states(path)
+        if not states:
+            raise ckpt.CheckpointError(f"no training-state checkpoint under {path / 'checkpoints'}")
+        path = states[-1]
+    tensors, info = read_role_tensors(path)
+    cfg: Config = from_dict(info["config"])
+    prefix = f"{role}/"
+    own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not own:
+        have = sorted({k.split("/")[0] for k in tensors})
+        raise ckpt.CheckpointError(f"{path} has no role {role!r}; it has {', '.join(have)}")
+    if cfg.roles.mode == "full":
+        weights = own
+    else:
+        if file_sha256(cfg.roles.teacher) != info.get("teacher_sha256"):
+            raise ckpt.CheckpointError(f"{path} was trained against a different teacher than {cfg.roles.teacher}")
+        adapter = {k.replace(f".{role}.", "."): v for k, v in own.items()}
+        with torch.no_grad():
+            weights = _merged(cfg.roles, load_teacher(cfg), adapter)
+    meta = {"kind": "export", "role": role, "source": str(path), "epoch": info.get("epoch", info.get("step"))}
+    meta |= {"nfe": cfg.tdm.steps, "shift": cfg.tdm.shift, "teacher": cfg.roles.teacher, "roles_mode": cfg.roles.mode}
+    ckpt.save_model(out, weights, cfg.model, cfg.world, **meta)
+    return Path(out)

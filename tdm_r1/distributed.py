@@ -1,0 +1,601 @@
+"""Distribution over ranks (DESIGN section 7): the only module that imports deepspeed or torch.distributed.
+
+A process started by `deepspeed` or `torchrun` joins the process group (`init`) and its roles run through DeepSpeed
+engines (`wrap_roles`). `full` mode: one engine per trainable role, and under ZeRO-3 the frozen reference and the EMA
+copies are partitioned too (optimizer-less engines). `lora` mode: one engine over the shared base, which must be
+partitioned once, with one AdamW parameter group per trainable adapter (own lr / betas); DeepSpeed clips that
+engine's joint gradient norm. A plain process gets `LOCAL`, on which every collective is the identity, so the
+single-process trainer runs the same code and draws the same numbers.
+
+Rows: an epoch's P x G samples are split so that each rank holds an equal contiguous slice of every global
+micro-batch (`Split`); a prompt group may span ranks, so group sums are all-reduced. Every random draw is made for
+the whole global micro-batch from a generator in the same state on every rank and then sliced (`Shard`): a sample's
+noise does not depend on the number of ranks, and shared draws (step indices j, k) agree without communication.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as tdist
+from torch import Tensor, nn
+
+from tdm_r1.config import ConfigError, DistributedConfig, OptimConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from tdm_r1.models.base import Cond
+    from tdm_r1.roles import Roles
+
+# -- rows: which samples a rank holds -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows [lo, hi) of one global micro-batch of `size` samples in `groups` prompt groups, the first of which is
+    group `first_group` of the epoch."""
+
+    lo: int
+    hi: int
+    size: int
+    groups: int
+    first_group: int
+
+    def take(self, t: Tensor) -> Tensor:
+        """This rank's rows of a tensor drawn for the whole micro-batch."""
+        return t if (self.lo, self.hi) == (0, self.size) else t[self.lo : self.hi]
+
+    def full(self, value: float, device: torch.device | None = None) -> Tensor:
+        """[size] filled with `value`: a per-sample schedule tensor of the whole micro-batch."""
+        return torch.full((self.size,), float(value), device=device)
+
+    def randn(self, shape: tuple[int, ...], gen: torch.Generator, device: torch.device | None = None) -> Tensor:
+        """[hi - lo, *shape]: this rank's rows of one standard-normal draw for the whole micro-batch."""
+        t = self.take(torch.randn((self.size, *shape), generator=gen))
+        return t if device is None else t.to(device)
+
+
+@dataclass(frozen=True)
+class Split:
+    """An epoch of `n` samples (prompt-major, `group` per prompt) in global micro-batches of `chunk` samples; this
+    rank holds rows [rank * m, (rank + 1) * m) of each micro-batch of size world * m."""
+
+    n: int
+    chunk: int
+    group: int
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self) -> None:
+        sizes = sorted({b - a for a, b in self._bounds()})
+        if any(s % self.world for s in sizes):
+            raise ConfigError(
+                f"global micro-batches of {' and '.join(map(str, sizes))} samples (train.micro_batch_groups x "
+                f"train.group_size, and the rest of train.prompts_per_epoch) do not split over {self.world} ranks"
+            )
+
+    def _bounds(self) -> list[tuple[int, int]]:
+        return [(a, min(a + self.chunk, self.n)) for a in range(0, self.n, self.chunk)]
+
+    def micro_batches(self) -> list[tuple[slice, Shard]]:
+        """(this rank's rows of the micro-batch in its local batch, the micro-batch's Shard), in order."""
+        out, start = [], 0
+        for a, b in self._bounds():
+            m = (b - a) // self.world
+            shard = Shard(self.rank * m, (self.rank + 1) * m, b - a, -(-(b - a) // self.group), a // self.group)
+            out.append((slice(start, start + m), shard))
+            start += m
+        return out
+
+    def rows(self, rank: int | None = None) -> Tensor:
+        """Epoch indices of a rank's samples, in its local order."""
+        r = self.rank if rank is None else rank
+        w = self.world
+        return torch.cat([torch.arange(a + r * (b - a) // w, a + (r + 1) * (b - a) // w) for a, b in self._bounds()])
+
+    def take(self, t: Tensor) -> Tensor:
+        return t if self.world == 1 else t[self.rows()]
+
+    def take_list(self, items: list) -> list:
+        return items if self.world == 1 else [items[i] for i in self.rows().tolist()]
+
+
+def epoch_split(tc: TrainConfig, dist: Dist, micro_batch_per_gpu: int = 0) -> Split:
+    """The epoch layout of a TDM-R1 run on `dist`; checks distributed.micro_batch_per_gpu when it is set."""
+    chunk = tc.micro_batch_groups * tc.group_size
+    if micro_batch_per_gpu and chunk != micro_batch_per_gpu * dist.world:
+        raise ConfigError(
+            f"distributed.micro_batch_per_gpu={micro_batch_per_gpu} on {dist.world} ranks needs global micro-batches "
+            f"of {micro_batch_per_gpu * dist.world} samples, but train.micro_batch_groups x train.group_size = {chunk}"
+        )
+    return Split(tc.prompts_per_epoch * tc.group_size, chunk, tc.group_size, dist.rank, dist.world)
+
+
+# -- the process group --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    """Rank, world size, device and collectives of this process. `LOCAL` (one process, no DeepSpeed) makes every
+    collective the identity."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    ds_config: dict | None = None  # the engines' DeepSpeed config; None = no DeepSpeed
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.ds_config is not None
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds_config["zero_optimization"].get("stage", 0)) if self.ds_config else 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.ds_config and self.ds_config.get("bf16", {}).get("enabled") else torch.float32
+
+    def print(self, *args, **kwargs) -> None:
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            tdist.barrier()
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """Sum over ranks (a new tensor; `t` itself when there is one rank)."""
+        if self.world == 1:
+            return t
+        buf = t.detach().to(self.device, copy=True)
+        tdist.all_reduce(buf)
+        return buf.to(t.device)
+
+    def mean(self, t: Tensor) -> Tensor:
+        """Mean over ranks of a per-rank mean over equally many samples = the mean over all of them."""
+        return t if self.world == 1 else self.all_reduce_sum(t) / self.world
+
+    def all_gather(self, t: Tensor) -> list[Tensor]:
+        """Every rank's `t` (same shape on every rank), in rank order."""
+        if self.world == 1:
+            return [t]
+        buf = t.detach().to(self.device)
+        out = [torch.empty_like(buf) for _ in range(self.world)]
+        tdist.all_gather(out, buf.contiguous())
+        return [o.to(t.device) for o in out]
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank `src`'s picklable value on every rank (decisions that must agree, e.g. whether a cache exists)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def gather_rows(self, local: Tensor, split: Split) -> Tensor:
+        """[n, ...] in epoch order from every rank's rows [n / world, ...] (the inverse of split.take)."""
+        if self.world == 1:
+            return local
+        parts = self.all_gather(local)
+        out = torch.empty((split.n, *local.shape[1:]), dtype=local.dtype, device=local.device)
+        for r, part in enumerate(parts):
+            out[split.rows(r).to(local.device)] = part
+        return out
+
+    def group_score_sum(self, groups: int) -> Callable[[Tensor], Tensor] | None:
+        """The cross-rank sum of a micro-batch's [<= groups] partial group scores (None on one rank: no-op)."""
+        if self.world == 1:
+            return None
+
+        def total(partial: Tensor) -> Tensor:
+            padded = torch.zeros(groups, dtype=partial.dtype, device=partial.device)
+            padded[: partial.numel()] = partial
+            return self.all_reduce_sum(padded)[: partial.numel()]
+
+        return total
+
+    def mean_metrics(self, rec: dict[str, float]) -> dict[str, float]:
+        """Per-rank means of equally many samples -> means over all samples (values equal on every rank stay)."""
+        if self.world == 1:
+            return rec
+        keys = sorted(rec)
+        mean = self.mean(torch.tensor([float(rec[k]) for k in keys], dtype=torch.float64))
+        return {k: float(v) for k, v in zip(keys, mean.tolist())}
+
+    def place(self, module: nn.Module) -> nn.Module:
+        """Partition a freshly built role module right away under ZeRO-3 (so no rank holds every role whole)."""
+        if self.zero_stage != 3:
+            return module
+        import deepspeed
+
+        deepspeed.zero.Init(module=module, config_dict_or_path=self.ds_config)
+        return module
+
+
+LOCAL = Dist()
+
+
+def launched() -> bool:
+    """Started by `deepspeed` / `torchrun` (their environment names this process's rank)?"""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
+
+
+def init(cfg: DistributedConfig, optim: OptimConfig) -> Dist:
+    """Join the process group of a `deepspeed` / `torchrun` launch; LOCAL without a launcher."""
+    if not launched():
+        return LOCAL
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    cuda = get_accelerator().device_name() == "cuda"
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+    if not cuda:
+        _skip_cpu_shm_op()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=cfg.timeout_minutes))
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    return Dist(rank, world, local_rank, device, deepspeed_config(cfg, optim.grad_clip))
+
+
+def _skip_cpu_shm_op() -> None:
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op on first use (7 minutes on a 2-core CI
+    # machine); only inference_all_reduce uses it, never training, whose collectives go through gloo.
+    import importlib
+
+    # by module name: `deepspeed.comm.torch` as an attribute is the torch package (star-imported into deepspeed.comm)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def deepspeed_config(cfg: DistributedConfig, grad_clip: float) -> dict:
+    """The `distributed:` section (or its ds_config JSON) as a DeepSpeed config for the role engines."""
+    if cfg.ds_config:
+        path = Path(cfg.ds_config)
+        if not path.is_file():
+            raise ConfigError(f"distributed.ds_config: file not found: {path}")
+        try:
+            ds = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"distributed.ds_config: {path} is not valid JSON: {e}") from e
+        for key in ("optimizer", "scheduler"):
+            if key in ds:
+                raise ConfigError(
+                    f"distributed.ds_config: {path} has an '{key}' section; each role's AdamW comes from `optim:`"
+                )
+        if ds.get("fp16", {}).get("enabled"):
+            raise ConfigError(f"distributed.ds_config: {path} enables fp16; use bf16 (no loss scaling here)")
+    else:
+        zero: dict = {"stage": cfg.zero_stage, "reduce_bucket_size": cfg.reduce_bucket_size}
+        if cfg.zero_stage == 3:
+            zero |= {
+                "stage3_param_persistence_threshold": cfg.param_persistence_threshold,
+                "stage3_prefetch_bucket_size": cfg.prefetch_bucket_size,
+            }
+        if cfg.zero_stage == 1:
+            zero["overlap_comm"] = False  # with caller-owned accumulation, overlap needs partitioned gradients
+        if cfg.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if cfg.offload_params:
+            if cfg.zero_stage != 3:
+                raise ConfigError("distributed.offload_params needs distributed.zero_stage: 3")
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        ds = {"zero_optimization": zero, "bf16": {"enabled": cfg.bf16}}
+    ds.setdefault("zero_optimization", {"stage": 0})
+    stage = int(ds["zero_optimization"].get("stage", 0))
+    fp32_plain = stage == 0 and not ds.get("bf16", {}).get("enabled", False)
+    return ds | {
+        # One engine step per role per accumulation window, whenever the trainer calls it (the trainer scales losses).
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        # Plain fp32 without ZeRO: DeepSpeed reports no gradient norm, so the optimizer clips (_ClipAdamW).
+        "gradient_clipping": 0.0 if fp32_plain else grad_clip,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def finish(code: int) -> int:
+    """End a process: in a process group, barrier (after success), destroy the group, flush and os._exit(code),
+    since DeepSpeed can abort at interpreter exit; without one, return `code`."""
+    if not tdist.is_initialized():
+        return code
+    try:
+        if code == 0:
+            tdist.barrier()
+        tdist.destroy_process_group()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+# -- engines ------------------------------------------------------------------------------------------------------
+
+
+class VelocityModule(nn.Module):
+    """forward(x, s, cond) = model.velocity(x, s, cond): the module an engine wraps, so that calls go through the
+    engine (ZeRO's backward needs that) and reach the FlowModel protocol; x is cast to the engine's dtype."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, x: Tensor, s: Tensor, cond: Cond) -> Tensor:
+        return self.model.velocity(x.to(self.dtype), s, cond)
+
+
+class RoleEngine:
+    """A DeepSpeed engine as roles see it: velocity through the engine, backward, and step() = one optimizer step per
+    accumulation window however many roles share the engine (lora mode); returns the pre-clip gradient norm."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.grad_norm = 0.0
+        self._pending = False
+
+    def __call__(self, x: Tensor, s: Tensor, cond: Cond) -> Tensor:
+        return self.engine(x, s, cond)
+
+    def backward(self, loss: Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self._pending = True
+
+    def step(self) -> float:
+        if self._pending:
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            self.grad_norm = float(norm) if norm is not None else math.nan
+            self._pending = False
+        return self.grad_norm
+
+
+class _ClipAdamW(torch.optim.AdamW):
+    """AdamW that clips the global norm of its (already all-reduced) gradients: for stage 0 in fp32, where DeepSpeed
+    passes the plain optimizer through and reports no norm."""
+
+    def __init__(self, groups: list[dict], clip: float, **kwargs):
+        super().__init__(groups, **kwargs)
+        self.clip = clip
+        self._global_grad_norm = 0.0
+
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self._global_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip))
+        return super().step(closure)
+
+
+def _param_groups(roles: Roles, ocfg: OptimConfig) -> dict[str, dict]:
+    settings = {
+        "generator": (ocfg.generator_lr, ocfg.generator_betas),
+        "fake": (ocfg.fake_lr, ocfg.fake_betas),
+        "surrogate": (ocfg.surrogate_lr, ocfg.surrogate_betas),
+    }
+    return {
+        name: {"params": params, "lr": settings[name][0], "betas": tuple(settings[name][1])}
+        for name, params in roles.trainable().items()
+    }
+
+
+def _engine(module: nn.Module, groups: list[dict], dist: Dist, ocfg: OptimConfig):
+    import deepspeed
+
+    zero = dist.ds_config["zero_optimization"]
+    if "offload_optimizer" in zero and zero["offload_optimizer"].get("device", "none") != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(groups, weight_decay=ocfg.weight_decay, adamw_mode=True)
+    elif dist.ds_config["gradient_clipping"] == 0.0:
+        opt = _ClipAdamW(groups, ocfg.grad_clip, weight_decay=ocfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, weight_decay=ocfg.weight_decay)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=opt, config=dist.ds_config)
+    return engine
+
+
+def _frozen(module: nn.Module, dist: Dist):
+    """A frozen role: under ZeRO-3 an optimizer-less engine (its parameters stay partitioned, gathered per use);
+    otherwise the module itself on the device, in the engines' dtype."""
+    if dist.zero_stage == 3:
+        import deepspeed
+
+        cfg = {k: v for k, v in dist.ds_config.items() if k != "gradient_clipping"}
+        engine, *_ = deepspeed.initialize(model=module, config=cfg)
+        return RoleEngine(engine)
+    return module.to(device=dist.device, dtype=dist.dtype)
+
+
+def wrap_roles(roles: Roles, ocfg: OptimConfig, dist: Dist) -> dict[str, RoleEngine]:
+    """Route every role through DeepSpeed; returns {trainable role: its engine}, a distributed run's optimizers."""
+    groups = _param_groups(roles, ocfg)
+    if roles.mode == "lora":
+        engine = RoleEngine(_engine(VelocityModule(roles.host.model, dist.dtype), list(groups.values()), dist, ocfg))
+        for role in roles.active().values():
+            role.engine = engine
+        return dict.fromkeys(groups, engine)
+    out = {}
+    for name, role in roles.active().items():
+        module = VelocityModule(role.module, dist.dtype)
+        if role.trainable:
+            role.engine = out[name] = RoleEngine(_engine(module, [groups[name]], dist, ocfg))
+        else:
+            role.engine = _frozen(module, dist)
+    return out
+
+
+# -- parameters: partitions, gathering ----------------------------------------------------------------------------
+
+
+def is_partitioned(p: Tensor) -> bool:
+    return hasattr(p, "ds_tensor")
+
+
+def local_views(p: nn.Parameter) -> list[Tensor]:
+    """The tensors that hold this rank's values of `p`: its ZeRO-3 partition, plus the whole tensor while it is
+    gathered (parameters under stage3_param_persistence_threshold stay gathered between uses); else `p` itself."""
+    if not is_partitioned(p):
+        return [p.data]
+    return [p.ds_tensor] + ([p.data] if p.data.numel() > 0 else [])
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[nn.Parameter]):
+    """Every rank sees whole tensors inside (ZeRO-3 all-gather; a no-op otherwise). Read-only."""
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def full_state(named: Iterable[tuple[str, nn.Parameter]]) -> dict[str, Tensor]:
+    """Whole CPU copies of (possibly partitioned) parameters, gathered one tensor at a time."""
+    out = {}
+    for name, p in named:
+        with gathered([p]):
+            out[name] = p.detach().to("cpu", copy=True)
+    return out
+
+
+@torch.no_grad()
+def load_local(params: dict[str, nn.Parameter], tensors: dict[str, Tensor]) -> None:
+    """Write this rank's saved values (partitions under ZeRO-3) back into the parameters; those kept gathered are
+    re-gathered from the new partitions."""
+    regather = []
+    for key, p in params.items():
+        if is_partitioned(p):
+            p.ds_tensor.copy_(tensors[key])
+            if p.data.numel() > 0:
+                regather.append(p)
+        else:
+            p.data.copy_(tensors[key])
+    if regather:  # release without writing back (the partitions are newer), then gather again
+        regather[0].partition(regather)
+        regather[0].all_gather(regather)
+
+
+def local_state(params: dict[str, nn.Parameter], dist: Dist) -> dict[str, Tensor]:
+    """This rank's values of the parameters: ZeRO-3 partitions on every rank; whole tensors on rank 0 otherwise."""
+    if dist.zero_stage == 3:
+        return {k: p.ds_tensor.detach().to("cpu", copy=True) for k, p in params.items()}
+    return {k: p.detach().to("cpu", copy=True) for k, p in params.items()} if dist.is_main else {}
+
+
+def _unique_engines(engines: dict[str, RoleEngine]) -> dict[str, RoleEngine]:
+    """{directory name: engine}: the roles' own names, or "lora" for the engine they share."""
+    shared = len({id(e) for e in engines.values()}) == 1 and len(engines) > 1
+    return {"lora": next(iter(engines.values()))} if shared else dict(engines)
+
+
+def save_state(path: Path, dist: Dist, roles: Roles, engines: dict[str, RoleEngine], state: dict, info: dict) -> Path:
+    """Collective. A training state as a directory: DeepSpeed's checkpoint of each engine (optimizer states, fp32
+    master weights: engines/<role>/) and one safetensors file per rank with its values of every role tensor, the
+    RNG streams and data position. Written under a temporary name, renamed by rank 0 once every rank is done."""
+    import shutil
+
+    from tdm_r1 import checkpoint as ckpt
+
+    tmp = path.with_name(path.name + ".tmp")
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    for name, engine in _unique_engines(engines).items():
+        engine.engine.save_checkpoint(
+            str(tmp / "engines" / name), tag="state", save_latest=False, exclude_frozen_parameters=True
+        )
+    params = roles.state_params()
+    shapes = {k: list(getattr(p, "ds_shape", p.shape)) for k, p in params.items()}
+    info = info | {"world_size": dist.world, "zero_stage": dist.zero_stage, "rank": dist.rank, "shapes": shapes}
+    ckpt.save_train_state(ckpt.rank_file(tmp, dist.rank), state | {"roles": local_state(params, dist)}, info)
+    dist.barrier()
+    if dist.is_main:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
+    return path
+
+
+def load_state(path: Path, dist: Dist, roles: Roles, engines: dict[str, RoleEngine]) -> tuple[dict, dict]:
+    """Collective inverse of save_state on the same number of ranks: restores engines and role tensors; returns
+    this rank's (state, info) for the caller's checks and progress."""
+    from tdm_r1 import checkpoint as ckpt
+
+    state, info = ckpt.read_train_state(ckpt.rank_file(path, dist.rank))
+    if (info.get("world_size"), info.get("zero_stage")) != (dist.world, dist.zero_stage):
+        raise ckpt.CheckpointError(
+            f"{path} was written by {info.get('world_size')} ranks at ZeRO stage {info.get('zero_stage')}; this run "
+            f"has {dist.world} ranks at stage {dist.zero_stage} (resume with the same launch, or `tdm-r1 export` it)"
+        )
+    for name, engine in _unique_engines(engines).items():
+        engine.engine.load_checkpoint(
+            str(path / "engines" / name), tag="state", load_module_strict=False, load_lr_scheduler_states=False
+        )
+    tensors = state["roles"] if dist.zero_stage == 3 else ckpt.read_train_state(ckpt.rank_file(path, 0))[0]["roles"]
+    params = roles.state_params()
+    if set(tensors) != set(params):
+        raise ckpt.CheckpointError(f"{path}: its role tensors do not match this run's roles")
+    load_local(params, tensors)
+    return state, info
+
+
+# -- measurement --------------------------------------------------------------------------------------------------
+
+
+def memory_bytes(roles: Roles) -> dict[str, int]:
+    """This rank's bytes of every role's parameters, of the trainable ones' gradients and of their optimizer states
+    (fp32 master partitions + AdamW moments), as held now (call between backward and step); `whole_*` are the same
+    for unpartitioned tensors, i.e. what one rank holds without ZeRO-3."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_get_local_optimizer_state
+
+    def nbytes(t: Tensor | None) -> int:
+        return 0 if t is None else t.numel() * t.element_size()
+
+    out = dict.fromkeys(("params", "grads", "optim", "whole_params", "whole_grads", "whole_optim"), 0)
+    seen = set()
+    for role in roles.active().values():
+        params = roles.host.model.parameters() if roles.host is not None else role.module.parameters()
+        for p in params:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            numel = getattr(p, "ds_numel", p.numel())
+            out["params"] += sum(nbytes(v) for v in local_views(p))
+            out["whole_params"] += numel * p.element_size()
+            if p.requires_grad:
+                states = [safe_get_local_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")]
+                out["grads"] += nbytes(safe_get_local_grad(p))
+                out["optim"] += nbytes(safe_get_local_fp32_param(p)) + sum(nbytes(t) for t in states)
+                out["whole_grads"] += numel * 4
+                out["whole_optim"] += numel * 4 * 3
+    return out
