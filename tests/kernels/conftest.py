@@ -49,6 +49,16 @@ def native_lib() -> Path:
     return path
 
 
+@pytest.fixture(scope="package", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a loaded 2-core machine every 2-thread parallel region waits for a descheduled
+    worker, which made this suite 5x slower. test_native_threads.py covers the multi-threaded native path."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _poison():
     """Every buffer a launcher allocates starts as NaN (True for masks), so unwritten elements fail."""

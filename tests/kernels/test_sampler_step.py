@@ -12,9 +12,10 @@ VARIANTS = ["euler", "dpm2m", "euler+renoise", "dpm2m+renoise"]
 
 def schedule(B: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Per-sample s > s_next, s_prev > s, tau >= s_next; with B >= 3 the first step (s = 1) and last (s_next = 0)."""
+    # steps of at least 20% of s and s_prev <= 0.99 keep |c2| >= ~0.01, so fp16 gradients stay normal numbers
     s = 0.3 + 0.7 * torch.rand(B)
-    s_next = s * torch.rand(B)
-    s_prev = s + (1 - s) * torch.rand(B)
+    s_next = s * (0.3 + 0.5 * torch.rand(B))
+    s_prev = torch.clamp(s + (1 - s) * (0.2 + 0.8 * torch.rand(B)), max=0.99)
     if B >= 3:
         s[0], s_prev[0] = 1.0, 1.0
         s_next[-1] = 0.0
