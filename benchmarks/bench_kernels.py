@@ -319,110 +319,113 @@ def run(args: argparse.Namespace) -> list[dict]:
         print(f"# {k}: {v}")
     rows: list[dict] = []
     failed = False
-    print(f"{'op':<22}{'mode':<9}{'n':>10} {'provider':<10}{'ms':>10}{'GB/s':>9}{'%copy':>8}{'x ref':>8}  note")
+    print(f"{'op':<22}{'mode':<10}{'n':>10} {'provider':<10}{'ms':>10}{'GB/s':>9}{'%copy':>8}{'x ref':>8}  note")
     for n in sizes:
         copy, clone = copy_gbps(n, dtype, device, min_reps, min_time)
         copy_ms = 2 * n * torch.empty((), dtype=dtype).element_size() / copy / 1e6
-        rows.append(
-            _row(
-                "copy",
-                "torch",
-                "copy_",
-                n,
-                dtype,
-                copy_ms,
-                copy,
-                copy,
-                None,
-                f"ceiling; clone (allocating) {clone:.2f} GB/s",
-            )
-        )
+        rows.append(_row("copy", "torch", "copy_", n, dtype, copy_ms, copy, copy, None,
+                         f"clone (allocating) {clone:.2f} GB/s"))  # fmt: skip
         _print_row(rows[-1])
         for case in cases:
-            torch.manual_seed(0)
-            inputs = case.setup(n, dtype, device)
-            expected = provider_fn(case, "reference", inputs)()
-            ref_ms = None
-            for provider in providers:
-                row, ok = _bench_one(
-                    case, provider, inputs, expected, n, dtype, device, copy, ref_ms, min_reps, min_time, args.quick
-                )
-                failed |= not ok
-                if provider == "reference":
-                    ref_ms = row["ms"]
+            case_rows, ok = bench_case(case, providers, n, dtype, device, min_reps, min_time, args.quick)
+            failed |= not ok
+            for row in case_rows:
                 rows.append(row)
                 _print_row(row)
-            del inputs, expected
     _write(rows, head, device, args.json)
     if failed:
         raise SystemExit("correctness gate failed (see rows marked FAILED)")
     return rows
 
 
-def _bench_one(case, provider, inputs, expected, n, dtype, device, copy, ref_ms, min_reps, min_time, quick):
-    esize = torch.empty((), dtype=dtype).element_size()
-    nbytes = case.bytes_moved(n, esize)
+def bench_case(
+    case: Case,
+    providers: list[str],
+    n: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    min_reps: int,
+    min_time: float,
+    quick: bool,
+) -> tuple[list[dict], bool]:
+    """Gate every provider, then time them round-robin together with the copy ceiling.
+
+    Interleaving keeps each ratio (%copy, x ref) within one time window, so load from other processes on the
+    machine shifts numerator and denominator alike instead of whichever provider ran during a busy spell.
+    """
+    torch.manual_seed(0)
+    inputs = case.setup(n, dtype, device)
+    expected = provider_fn(case, "reference", inputs)()
+    skipped: dict[str, str] = {}
+    fns: dict[str, Callable[[], object]] = {}
+    notes: dict[str, str] = {}
+    ok = True
+    for provider in providers:
+        reason = _unavailable(provider, device, quick)
+        if reason:
+            skipped[provider] = reason
+            continue
+        try:
+            fn = provider_fn(case, provider, inputs)
+            got = expected if provider == "reference" else fn()  # also the warm-up (and the compile)
+        except Exception as err:  # noqa: BLE001 - an unavailable provider is reported in its row, not fatal
+            if provider != "compile":
+                raise
+            skipped[provider] = f"compile unavailable: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
+            continue
+        err = max(rel_err(g.double(), e.double()) for g, e in zip(got, expected))
+        if err > GATE[dtype]:
+            skipped[provider] = f"FAILED correctness gate: rel err {err:.3g} > {GATE[dtype]:.0e}"
+            ok = False
+            continue
+        fns[provider] = fn
+        notes[provider] = f"max rel err {err:.1e}"
+        if "out" in inputs and provider in ("native", "triton"):
+            notes[provider] += "; outputs preallocated (out=)"
+    src = torch.randn(n, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    ms = time_interleaved({"copy": lambda: dst.copy_(src), **fns}, device, min_reps, min_time)
+    copy = 2 * src.numel() * src.element_size() / ms.pop("copy") / 1e6
+    nbytes = case.bytes_moved(n, src.element_size())
+    ref_ms = ms.get("reference")
+    rows = []
+    for provider in providers:
+        if provider in skipped:
+            rows.append(_row(case.op, provider, case.mode, n, dtype, None, None, copy, None, skipped[provider]))
+            continue
+        t = ms[provider]
+        speedup = ref_ms / t if ref_ms else None
+        note = f"{notes[provider]}; copy_ {copy:.2f} GB/s in the same window"
+        rows.append(_row(case.op, provider, case.mode, n, dtype, t, nbytes / t / 1e6, copy, speedup, note))
+    return rows, ok
+
+
+def _unavailable(provider: str, device: torch.device, quick: bool) -> str:
     if provider == "compile" and quick:
-        return _row(
-            case.op,
-            provider,
-            case.mode,
-            n,
-            dtype,
-            None,
-            None,
-            copy,
-            None,
-            "compile skipped under --quick (compile time)",
-        ), True
-    if provider == "native" and not load_native():
-        return _row(
-            case.op, provider, case.mode, n, dtype, None, None, copy, None, "native library not built (make native)"
-        ), True
+        return "compile skipped under --quick (compile time)"
+    if provider == "native" and (device.type != "cpu" or not load_native()):
+        return "native library not built (make native)" if device.type == "cpu" else "native runs on CPU only"
     if provider == "triton" and (device.type != "cuda" or not HAS_TRITON):
-        return _row(case.op, provider, case.mode, n, dtype, None, None, copy, None, "triton needs CUDA"), True
-    try:
-        fn = provider_fn(case, provider, inputs)
-        got = expected if provider == "reference" else fn()  # the reference ran just before: already warm
-    except Exception as err:  # noqa: BLE001 - an unavailable provider is reported in its row, not fatal
-        if provider != "compile":
-            raise
-        return _row(
-            case.op,
-            provider,
-            case.mode,
-            n,
-            dtype,
-            None,
-            None,
-            copy,
-            None,
-            f"compile unavailable: {type(err).__name__}: {str(err).splitlines()[0][:80]}",
-        ), True
-    errs = [
-        rel_err(g.float() if g.dtype != torch.bool else g.double(), e.float() if e.dtype != torch.bool else e.double())
-        for g, e in zip(got, expected)
-    ]
-    if max(errs) > GATE[dtype]:
-        return _row(
-            case.op,
-            provider,
-            case.mode,
-            n,
-            dtype,
-            None,
-            None,
-            copy,
-            None,
-            f"FAILED correctness gate: rel err {max(errs):.3g} > {GATE[dtype]:.0e}",
-        ), False
-    ms = time_ms(fn, device, min_reps, min_time, warm=True)
-    gbps = nbytes / ms / 1e6
-    speedup = ref_ms / ms if ref_ms else (1.0 if provider == "reference" else None)
-    note = f"max rel err {max(errs):.1e}"
-    if "out" in inputs and provider in ("native", "triton"):
-        note += "; outputs preallocated (out=)"
-    return _row(case.op, provider, case.mode, n, dtype, ms, gbps, copy, speedup, note), True
+        return "triton needs CUDA"
+    return ""
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, min_reps: int, min_time: float
+) -> dict[str, float]:
+    """Median ms of each callable, timed round-robin: at least min_reps rounds and min_time seconds (max 100)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_reps or (time.perf_counter() - start < min_time and rounds < 100):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def _row(op, provider, mode, n, dtype, ms, gbps, copy, speedup, note) -> dict:
@@ -472,8 +475,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", help="comma-separated element counts (default 64K,1M,4M,16M; --quick 1M,16M)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--ops", help="comma-separated op names (default: all)")
+    p.add_argument("--threads", type=int, help="torch/native intra-op threads (default: torch's default)")
     p.add_argument("--providers", help="comma-separated providers (default: reference,compile,native|triton)")
-    run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run(args)
 
 
 if __name__ == "__main__":
