@@ -16,7 +16,6 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -258,6 +257,10 @@ class DistributedConfig:
     param_persistence_threshold: int = 100_000
     reduce_bucket_size: int = 500_000_000  # elements per gradient reduce-scatter bucket
     prefetch_bucket_size: int = 50_000_000  # stage 3: elements of parameters fetched ahead of use
+    # Stage 3: gathered parameters kept whole at most (elements), and not released when they are used again within
+    # this many elements of other parameters (DeepSpeed's defaults; lower both to trade speed for memory).
+    max_live_parameters: int = 1_000_000_000
+    max_reuse_distance: int = 1_000_000_000
     # A DeepSpeed JSON used instead of the fields above (see configs/ds/). The trainer still sets the batch keys,
     # gradient_clipping (optim.grad_clip) and its own per-role AdamW (optim:), so the JSON has no optimizer section.
     ds_config: str | None = None

@@ -224,6 +224,7 @@ class Dist:
             return module
         import deepspeed
 
+        module.to(dtype=self.dtype)  # zero.Init partitions a built module as it is; the engines do not cast it later
         deepspeed.zero.Init(module=module, config_dict_or_path=self.ds_config)
         return module
 
@@ -295,6 +296,8 @@ def deepspeed_config(cfg: DistributedConfig, grad_clip: float) -> dict:
             zero |= {
                 "stage3_param_persistence_threshold": cfg.param_persistence_threshold,
                 "stage3_prefetch_bucket_size": cfg.prefetch_bucket_size,
+                "stage3_max_live_parameters": cfg.max_live_parameters,
+                "stage3_max_reuse_distance": cfg.max_reuse_distance,
             }
         if cfg.zero_stage == 1:
             zero["overlap_comm"] = False  # with caller-owned accumulation, overlap needs partitioned gradients
@@ -374,6 +377,12 @@ class RoleEngine:
             norm = self.engine.get_global_grad_norm()
             self.grad_norm = float(norm) if norm is not None else math.nan
             self._pending = False
+            # ZeRO-3 copies a gradient partition on the first backward after a step and adds on later ones, but never
+            # clears it: a parameter whose first gradient comes from a later backward (lora mode: each role's adapter
+            # is reached by that role's backward only) would add to the previous step's gradient.
+            stale = getattr(self.engine.optimizer, "grad_partitions_flat_buffer", None)
+            if stale is not None:
+                stale.zero_()
         return self.grad_norm
 
 
@@ -465,6 +474,20 @@ def local_views(p: nn.Parameter) -> list[Tensor]:
     return [p.ds_tensor] + ([p.data] if p.data.numel() > 0 else [])
 
 
+def local_partition(p: nn.Parameter) -> Tensor:
+    """This rank's values of `p` as stored: its ZeRO-3 partition, else the whole tensor."""
+    return p.ds_tensor if is_partitioned(p) else p.data
+
+
+def regather(params: Iterable[nn.Parameter]) -> None:
+    """After partitions were written: re-gather the ZeRO-3 parameters that are kept whole (persistent ones) from
+    them. Collective (every rank holds the same parameters whole); a no-op otherwise."""
+    stale = [p for p in params if is_partitioned(p) and p.data.numel() > 0]
+    if stale:  # release without writing back (the partitions are newer), then gather again
+        stale[0].partition(stale)
+        stale[0].all_gather(stale)
+
+
 @contextlib.contextmanager
 def gathered(params: Iterable[nn.Parameter]):
     """Every rank sees whole tensors inside (ZeRO-3 all-gather; a no-op otherwise). Read-only."""
@@ -489,19 +512,10 @@ def full_state(named: Iterable[tuple[str, nn.Parameter]]) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def load_local(params: dict[str, nn.Parameter], tensors: dict[str, Tensor]) -> None:
-    """Write this rank's saved values (partitions under ZeRO-3) back into the parameters; those kept gathered are
-    re-gathered from the new partitions."""
-    regather = []
+    """Write this rank's saved values (partitions under ZeRO-3) back into the parameters. Collective."""
     for key, p in params.items():
-        if is_partitioned(p):
-            p.ds_tensor.copy_(tensors[key])
-            if p.data.numel() > 0:
-                regather.append(p)
-        else:
-            p.data.copy_(tensors[key])
-    if regather:  # release without writing back (the partitions are newer), then gather again
-        regather[0].partition(regather)
-        regather[0].all_gather(regather)
+        local_partition(p).copy_(tensors[key])
+    regather(params.values())
 
 
 def local_state(params: dict[str, nn.Parameter], dist: Dist) -> dict[str, Tensor]:
@@ -573,15 +587,23 @@ def load_state(path: Path, dist: Dist, roles: Roles, engines: dict[str, RoleEngi
 
 
 def memory_bytes(roles: Roles) -> dict[str, int]:
-    """This rank's bytes of every role's parameters, of the trainable ones' gradients and of their optimizer states
-    (fp32 master partitions + AdamW moments), as held now (call between backward and step); `whole_*` are the same
-    for unpartitioned tensors, i.e. what one rank holds without ZeRO-3."""
+    """This rank's bytes of every role's parameters (its partitions; `params_gathered`: whole copies gathered right
+    now), of the trainable ones' gradients and of their optimizer states (fp32 master partitions + AdamW moments), as
+    held now: gradients exist between backward and step, AdamW moments from the first step on. `whole_*` are the same
+    for unpartitioned tensors (what one rank holds without ZeRO)."""
     from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_get_local_optimizer_state
 
     def nbytes(t: Tensor | None) -> int:
         return 0 if t is None else t.numel() * t.element_size()
 
-    out = dict.fromkeys(("params", "grads", "optim", "whole_params", "whole_grads", "whole_optim"), 0)
+    def state(p: nn.Parameter, key: str) -> Tensor | None:
+        try:
+            return safe_get_local_optimizer_state(p, key)
+        except KeyError:  # AdamW allocates its moments at the first step
+            return None
+
+    keys = ("params", "params_gathered", "grads", "optim", "whole_params", "whole_grads", "whole_optim")
+    out = dict.fromkeys(keys, 0)
     seen = set()
     for role in roles.active().values():
         params = roles.host.model.parameters() if roles.host is not None else role.module.parameters()
@@ -590,10 +612,12 @@ def memory_bytes(roles: Roles) -> dict[str, int]:
                 continue
             seen.add(id(p))
             numel = getattr(p, "ds_numel", p.numel())
-            out["params"] += sum(nbytes(v) for v in local_views(p))
+            held = local_views(p)  # ZeRO-3: [partition] or [partition, whole copy while gathered]
+            out["params"] += nbytes(held[0])
+            out["params_gathered"] += sum(nbytes(v) for v in held[1:])
             out["whole_params"] += numel * p.element_size()
             if p.requires_grad:
-                states = [safe_get_local_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")]
+                states = [state(p, k) for k in ("exp_avg", "exp_avg_sq")]
                 out["grads"] += nbytes(safe_get_local_grad(p))
                 out["optim"] += nbytes(safe_get_local_fp32_param(p)) + sum(nbytes(t) for t in states)
                 out["whole_grads"] += numel * 4

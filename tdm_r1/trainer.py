@@ -386,13 +386,19 @@ def update_phase(
 
 
 def evaluate_role(
-    role, world, cfg: Config, words: list[str], nfe: int, guidance: float, state: dict
+    role, world, cfg: Config, words: list[str], nfe: int, guidance: float, state: dict, dist: Dist = LOCAL
 ) -> tuple[dict, Tensor]:
-    from tdm_r1.evaluate import build_eval_reward, evaluate
+    """Sample and score. Distributed: every rank samples (partitioned roles run collectively), rank 0 scores and
+    shares the result."""
+    from tdm_r1.evaluate import build_eval_reward, evaluate, generate
 
+    if not dist.is_main:
+        images = generate(role, world, words, nfe, guidance, cfg.tdm.shift, cfg.eval.seed, cfg.eval.batch_size)
+        return dist.broadcast_object(None), images
     if "reward" not in state:
         state["reward"] = build_eval_reward(cfg.reward, world)
-    return evaluate(role, world, state["reward"], words, nfe, guidance, cfg.tdm.shift, cfg.eval)
+    result, images = evaluate(role, world, state["reward"], words, nfe, guidance, cfg.tdm.shift, cfg.eval)
+    return dist.broadcast_object(result), images
 
 
 def baseline_evals(cfg: Config, roles: Roles, world, words: list[str], state: dict, dist: Dist = LOCAL) -> dict:
@@ -413,11 +419,11 @@ def baseline_evals(cfg: Config, roles: Roles, world, words: list[str], state: di
     if cached is not None and cached.get("key") == key:
         return cached["results"]
     results = {
-        "teacher_32nfe_cfg": evaluate_role(roles.reference, world, cfg, words, cfg.sample.nfe, cfg.sample.cfg, state)[
-            0
-        ],
-        "teacher_4nfe": evaluate_role(roles.reference, world, cfg, words, cfg.tdm.steps, 1.0, state)[0],
-        "tdm_4nfe": evaluate_role(roles.generator_ema, world, cfg, words, cfg.tdm.steps, 1.0, state)[0],
+        "teacher_32nfe_cfg": evaluate_role(
+            roles.reference, world, cfg, words, cfg.sample.nfe, cfg.sample.cfg, state, dist
+        )[0],
+        "teacher_4nfe": evaluate_role(roles.reference, world, cfg, words, cfg.tdm.steps, 1.0, state, dist)[0],
+        "tdm_4nfe": evaluate_role(roles.generator_ema, world, cfg, words, cfg.tdm.steps, 1.0, state, dist)[0],
     }
     if dist.is_main:
         path.write_text(json.dumps({"key": key, "results": results}, indent=2) + "\n")
@@ -540,7 +546,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     reporter = RunReporter(run, tensorboard=tc.tensorboard) if dist.is_main else None
     baselines = baseline_evals(cfg, roles, world, heldout, eval_state, dist) if tc.eval_baselines else {}
     if progress.step == 0:
-        start = evaluate_role(roles.generator_ema, world, cfg, heldout, cfg.tdm.steps, 1.0, eval_state)
+        start = evaluate_role(roles.generator_ema, world, cfg, heldout, cfg.tdm.steps, 1.0, eval_state, dist)
         if reporter is not None:
             reporter.grid(start[1], "samples_start.png")
     n_train = {k: sum(getattr(p, "ds_numel", p.numel()) for p in v) for k, v in roles.trainable().items()}
@@ -565,7 +571,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             t2 = time.time()
             progress.step = epoch
             if tc.eval_every > 0 and epoch % tc.eval_every == 0 and epoch != tc.epochs:
-                ev, _ = evaluate_role(roles.generator_ema, world, cfg, heldout, cfg.tdm.steps, 1.0, eval_state)
+                ev, _ = evaluate_role(roles.generator_ema, world, cfg, heldout, cfg.tdm.steps, 1.0, eval_state, dist)
                 rec |= {"heldout_ocr_mean": ev["ocr_mean"], "heldout_ocr_exact": ev["ocr_exact"]}
             rec |= {
                 "sec_rollout_reward": round(t1 - t0, 2),
@@ -581,7 +587,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         scorer.close()
     minutes = round((time.time() - t_start) / 60, 2)
     generator = _export_generator(cfg, roles, teacher, progress.step, minutes, dist)
-    final, images = evaluate_role(roles.generator_ema, world, cfg, heldout, cfg.tdm.steps, 1.0, eval_state)
+    final, images = evaluate_role(roles.generator_ema, world, cfg, heldout, cfg.tdm.steps, 1.0, eval_state, dist)
     summary = {
         **baselines,
         "tdm_r1_4nfe": final,

@@ -1,0 +1,200 @@
+"""DeepSpeed ZeRO-3 on 2 CPU ranks (gloo): every role partitioned, 2 ranks == 1 rank, resume, export.
+
+Two launches run side by side (module fixture `runs`): the README's CPU command (`deepspeed --num_gpus 2 --module tdm_r1
+train --config configs/toy_ocr_r1_tiny_ds.yaml`, with a tiny random teacher) for 2 epochs, and worker.py under
+torchrun (partition sizes and per-rank bytes, 1 epoch + resume to 2, lora mode), while this process runs the same
+configs in one process without DeepSpeed for reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tdm_r1 import checkpoint as ckpt
+from tdm_r1.cli import main
+from tdm_r1.config import load_config
+from tdm_r1.models.tiny_dit import build_tiny_dit
+from tdm_r1.trainer import train
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("zero3_worker", Path(__file__).with_name("worker.py"))
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
+
+# Per-epoch metrics of 2 ranks vs 1 process: the ranks run half-size batches (other matmul blocking), sum gradients
+# and group scores in another order and average metrics in float64. Measured max |diff| <= 1.5e-7 + 1.5e-5 |value|
+# over 2 epochs of full and lora mode.
+RTOL, ATOL = 1e-4, 1e-6
+LAUNCH_TIMEOUT_S = 900
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env |= {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    return env
+
+
+def _launch(cmd: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def _wait(proc: subprocess.Popen, log: Path, what: str) -> None:
+    try:
+        rc = proc.wait(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = "timeout"
+    if rc != 0:
+        tail = "\n".join(log.read_text().splitlines()[-40:])
+        pytest.fail(f"{what} failed ({rc}); last lines of {log}:\n{tail}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("zero3")
+    cfg = load_config(None, worker.TINY)
+    torch.manual_seed(0)
+    m = build_tiny_dit(cfg.model, cfg.world)
+    with torch.no_grad():
+        for p in m.parameters():  # a random "trained" teacher: the zero-initialised output layer is perturbed too
+            p.add_(torch.randn_like(p) * 0.05)
+    teacher, heldout = d / "teacher.safetensors", d / "heldout.txt"
+    ckpt.save_model(teacher, m.state_dict(), cfg.model, cfg.world)
+    heldout.write_text("CAT\nDOG\n")
+    (d / "w").mkdir()
+    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    sets = [x for o in worker.overrides(str(teacher), str(heldout), d / "cli") for x in ("--set", o)]
+    cli = [deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "tdm_r1", "train"]
+    cli += ["--config", worker.CONFIG, *sets]
+    ranks = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    ranks += ["--master_port", str(_free_port()), str(Path(worker.__file__)), str(d / "w"), str(teacher), str(heldout)]
+    procs = [
+        (_launch(cli, d / "cli.log"), d / "cli.log", "deepspeed launch"),
+        (_launch(ranks, d / "w.log"), d / "w.log", "torchrun worker"),
+    ]
+    try:
+        single = lambda run, *extra: train(
+            load_config(worker.CONFIG, worker.overrides(str(teacher), str(heldout), run, *extra))
+        )
+        single(d / "single")
+        single(d / "single_lora", "roles.mode=lora", "roles.lora_rank=4")
+    finally:
+        for proc, log, what in procs:
+            _wait(proc, log, what)
+    return d
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _deterministic(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if not k.startswith("sec_")}
+
+
+def _ranks(runs: Path) -> list[dict]:
+    return [json.loads((runs / "w" / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_zero3_gives_each_rank_half_of_every_tensor_of_every_role(runs):
+    r0, r1 = _ranks(runs)
+    roles = {k.split("/")[0] for k in r0["partitions"]}
+    assert roles == {"reference", "generator", "generator_ema", "fake", "surrogate", "slow_surrogate"}
+    for key, (local, whole) in r0["partitions"].items():
+        assert local == r1["partitions"][key][0] == math.ceil(whole / 2), key
+    for key, (local, whole) in r0["lora_partitions"].items():  # lora: the shared base and every adapter
+        assert local == r1["lora_partitions"][key][0] == math.ceil(whole / 2), key
+    assert any(".lora_A.generator." in k for k in r0["lora_partitions"])
+
+
+def test_per_rank_parameter_gradient_and_optimizer_bytes_halve(runs):
+    for rank in _ranks(runs):
+        m = rank["memory"]
+        held = m["params"] + m["grads"] + m["optim"]
+        whole = m["whole_params"] + m["whole_grads"] + m["whole_optim"]
+        assert m["grads"] > 0 and m["optim"] > 0
+        assert held <= 0.55 * whole, m
+        assert m["params_gathered"] == 0, "max_reuse_distance 0 releases every gathered parameter after use"
+
+
+@pytest.mark.parametrize(("two_ranks", "one_process"), [("cli", "single"), ("w/lora", "single_lora")])
+def test_two_ranks_give_the_single_process_metrics(runs, two_ranks, one_process):
+    a, b = _metrics(runs / two_ranks), _metrics(runs / one_process)
+    assert [r["epoch"] for r in a] == [1, 2] == [r["epoch"] for r in b]
+    for ra, rb in zip(a, b):
+        ra, rb = _deterministic(ra), _deterministic(rb)
+        assert ra.keys() == rb.keys()
+        if two_ranks == "w/lora":  # one engine holds every adapter: it reports (and clips) their joint norm
+            norms = [ra.pop(f"grad_norm_{r}") for r in ("generator", "fake", "surrogate")]
+            joint = math.sqrt(sum(rb.pop(f"grad_norm_{r}") ** 2 for r in ("generator", "fake", "surrogate")))
+            assert norms == pytest.approx([joint] * 3, rel=RTOL) and joint < 1.0  # below optim.grad_clip
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], rel=RTOL, abs=ATOL), f"epoch {ra['epoch']} {k}"
+
+
+def test_resume_on_two_ranks_reproduces_the_uninterrupted_run(runs):
+    resumed, full = _metrics(runs / "w" / "resumed"), _metrics(runs / "cli")
+    assert [_deterministic(r) for r in resumed] == [_deterministic(r) for r in full]
+    a, b = (
+        ckpt.read_model(runs / "w" / "resumed" / "generator.safetensors")[0],
+        ckpt.read_model(runs / "cli" / "generator.safetensors")[0],
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("run", ["cli", "w/lora"])
+def test_export_of_the_sharded_checkpoint_equals_the_gathered_parameters(runs, run, tmp_path):
+    # generator.safetensors was written by the ranks from GatheredParameters; export stitches the rank files
+    state = runs / run / "checkpoints" / "state_000002.shards"
+    assert sorted(p.name for p in state.glob("rank_*")) == ["rank_00000.safetensors", "rank_00001.safetensors"]
+    assert main(["export", "--checkpoint", str(state), "--out", str(tmp_path / "ema.safetensors")]) == 0
+    exported, _, _, info = ckpt.read_model(tmp_path / "ema.safetensors")
+    gathered = ckpt.read_model(runs / run / "generator.safetensors")[0]
+    assert info["role"] == "generator_ema" and exported.keys() == gathered.keys()
+    assert all(torch.equal(exported[k], gathered[k]) for k in exported)
+    assert (
+        main(
+            ["export", "--checkpoint", str(runs / run), "--role", "generator", "--out", str(tmp_path / "g.safetensors")]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(tmp_path / "g.safetensors"),
+                "--nfe",
+                "4",
+                "--cfg",
+                "1",
+                "--set",
+                "eval.n_train=2",
+                "--set",
+                f"world.heldout_words={runs / 'heldout.txt'}",
+                "--out",
+                str(tmp_path / "eval.json"),
+            ]
+        )
+        == 0
+    )
