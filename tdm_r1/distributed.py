@@ -116,7 +116,8 @@ def epoch_split(tc: TrainConfig, dist: Dist, micro_batch_per_gpu: int = 0) -> Sp
     if micro_batch_per_gpu and chunk != micro_batch_per_gpu * dist.world:
         raise ConfigError(
             f"distributed.micro_batch_per_gpu={micro_batch_per_gpu} on {dist.world} ranks needs global micro-batches "
-            f"of {micro_batch_per_gpu * dist.world} samples, but train.micro_batch_groups x train.group_size = {chunk}"
+            f"of {micro_batch_per_gpu * dist.world} samples, but train.micro_batch_groups x train.group_size = {chunk} "
+            "(--set distributed.micro_batch_per_gpu=0 to run it anyway)"
         )
     return Split(tc.prompts_per_epoch * tc.group_size, chunk, tc.group_size, dist.rank, dist.world)
 
@@ -187,6 +188,11 @@ class Dist:
         box = [obj]
         tdist.broadcast_object_list(box, src=src)
         return box[0]
+
+    def check_same(self, t: Tensor, what: str) -> None:
+        """Fail loudly when ranks disagree on a value they must share (e.g. the state of the shared random stream)."""
+        if self.world > 1 and any(not torch.equal(o, t) for o in self.all_gather(t)):
+            raise RuntimeError(f"ranks disagree on {what}; the run would silently diverge")
 
     def gather_rows(self, local: Tensor, split: Split) -> Tensor:
         """[n, ...] in epoch order from every rank's rows [n / world, ...] (the inverse of split.take)."""

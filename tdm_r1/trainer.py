@@ -560,6 +560,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         for epoch in bar:
             rec: dict = {"epoch": epoch}
             t0 = time.time()
+            dist.check_same(progress.gen.get_state(), "the shared random stream")
             batch = rollout_phase(roles, world, progress.stream, scorer, tc, cfg.tdm, progress.gen, split)
             t1 = time.time()
             try:
