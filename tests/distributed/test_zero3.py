@@ -92,12 +92,9 @@ def runs(tmp_path_factory):
         (_launch(cli, d / "cli.log"), d / "cli.log", "deepspeed launch"),
         (_launch(ranks, d / "w.log"), d / "w.log", "torchrun worker"),
     ]
-    try:
-        single = lambda run, *extra: train(
-            load_config(worker.CONFIG, worker.overrides(str(teacher), str(heldout), run, *extra))
-        )
-        single(d / "single")
-        single(d / "single_lora", "roles.mode=lora", "roles.lora_rank=4")
+    try:  # the same runs in this process, without DeepSpeed, while the ranks work
+        for run, extra in (("single", []), ("single_lora", ["roles.mode=lora", "roles.lora_rank=4"])):
+            train(load_config(worker.CONFIG, worker.overrides(str(teacher), str(heldout), d / run, *extra)))
     finally:
         for proc, log, what in procs:
             _wait(proc, log, what)
@@ -134,7 +131,8 @@ def test_per_rank_parameter_gradient_and_optimizer_bytes_halve(runs):
         whole = m["whole_params"] + m["whole_grads"] + m["whole_optim"]
         assert m["grads"] > 0 and m["optim"] > 0
         assert held <= 0.55 * whole, m
-        assert m["params_gathered"] == 0, "max_reuse_distance 0 releases every gathered parameter after use"
+        # prefetch_bucket_size 0 and max_reuse_distance 0: no gathered copy outlives its module's use
+        assert m["params_gathered"] == 0, m
 
 
 @pytest.mark.parametrize(("two_ranks", "one_process"), [("cli", "single"), ("w/lora", "single_lora")])
