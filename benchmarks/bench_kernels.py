@@ -318,7 +318,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype]
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (QUICK_SIZES if args.quick else FULL_SIZES)
-    min_reps, min_time = (2, 0.0) if args.quick else (7, 0.5)
+    min_reps, min_time = (3, 0.0) if args.quick else (7, 0.5)
     providers = ["reference", "compile", "native" if device.type == "cpu" else "triton"]
     if args.providers:
         providers = args.providers.split(",")
@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="sizes 1M and 16M, 2 timed rounds, no torch.compile (< 1 minute on an idle 2-core CPU)",
+        help="sizes 1M and 16M, 3 timed rounds, no torch.compile (< 1 minute on an idle 2-core CPU)",
     )
     p.add_argument("--json", help="also write the rows as a JSON list to this file")
     p.add_argument("--sizes", help="comma-separated element counts (default 64K,1M,4M,16M; --quick 1M,16M)")
