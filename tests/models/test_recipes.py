@@ -40,7 +40,7 @@ def _load(name: str) -> tuple[dict, Config]:
 def test_recipe_loads_strictly(name):
     raw, cfg = _load(name)
     text = (CONFIGS / f"{name}.yaml").read_text()
-    assert f"deepspeed --num_gpus {GPUS} -m tdm_r1 train --config configs/{name}.yaml" in text
+    assert f"deepspeed --num_gpus {GPUS} --module tdm_r1 train --config configs/{name}.yaml" in text
     assert cfg.model.kind == ("zimage" if name.startswith("zimage") else "sd3")
     assert cfg.diffusers.path and (cfg.diffusers.height, cfg.diffusers.width) == (512, 512)
     assert cfg.diffusers.dtype == "bf16" and cfg.diffusers.gradient_checkpointing
