@@ -30,6 +30,17 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool) -> None:
     )
 
 
+def _add_resume_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from a training-state checkpoint (default: the newest one under run_dir/checkpoints)",
+    )
+
+
 def _setup_threads(cfg: Config) -> None:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -45,16 +56,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from tdm_r1.checkpoint import read_model
-    from tdm_r1.config import to_dict
     from tdm_r1.distill import distill
 
-    # The teacher checkpoint's model and world are the defaults; the YAML and --set override them.
     if distributed.launched_world_size() > 1:
         raise ConfigError("distill runs in one process; `deepspeed` / `torchrun` launches are for `train`")
-    first = load_config(args.config, args.overrides)
-    _, model_cfg, world_cfg, _ = read_model(first.roles.teacher)
-    cfg = load_config(args.config, args.overrides, base={"model": to_dict(model_cfg), "world": to_dict(world_cfg)})
+    cfg = _config_from_teacher(args)
     _setup_threads(cfg)
     distill(cfg, resume=args.resume)
     return 0
@@ -198,14 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`tdm-r1 eval`), eval_student.json and summary.json into run_dir.",
     )
     _add_config_args(p, required=True)
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        metavar="CHECKPOINT",
-        help="continue from a training-state checkpoint (default: the newest one under run_dir/checkpoints)",
-    )
+    _add_resume_arg(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser(
@@ -217,14 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         "summary.json, report.md, reward_curve.png and same-seed sample grids into run_dir.",
     )
     _add_config_args(p, required=True)
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        metavar="CHECKPOINT",
-        help="continue from a training-state checkpoint (default: the newest one under run_dir/checkpoints)",
-    )
+    _add_resume_arg(p)
     p.set_defaults(func=cmd_train)
 
     from tdm_r1.consolidate import ROLES

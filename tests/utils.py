@@ -91,3 +91,14 @@ def dims_numel(dims: tuple[int, ...]) -> int:
     for d in dims[1:]:
         n *= d
     return n
+
+
+def role_named_parameters(role, host):
+    """(name, parameter) pairs a role owns: its module's parameters (full mode), its adapter tensors (lora), or
+    for the lora reference every frozen base tensor of the shared host."""
+    if role.module is not None:
+        return list(role.module.named_parameters())
+    if role.adapter is None:
+        return [(n, p) for n, p in host.named_parameters() if "lora_" not in n]
+    own = {id(p) for p in role.parameters()}
+    return [(n, p) for n, p in host.named_parameters() if id(p) in own]

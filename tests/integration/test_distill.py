@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from utils import role_named_parameters
 
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.cli import main
@@ -52,7 +53,7 @@ def test_two_steps_change_every_trainable_parameter_and_no_frozen_one(mode, teac
     opts = build_optimizers(roles, cfg.optim)
     assert set(opts) == {"generator", "fake"}
     host = roles.host.model if mode == "lora" else None
-    everything = {f"{n}/{k}": p for n, r in roles.active().items() for k, p in _named(r, host)}
+    everything = {f"{n}/{k}": p for n, r in roles.active().items() for k, p in role_named_parameters(r, host)}
     before = {k: p.detach().clone() for k, p in everything.items()}
     world, stream, gen = build_world(cfg.world), PromptStream(["CAT", "DOG", "QUIZ"], 0), torch.Generator()
     gen.manual_seed(0)
@@ -67,16 +68,6 @@ def test_two_steps_change_every_trainable_parameter_and_no_frozen_one(mode, teac
         else:
             assert k not in changed, f"frozen {k} changed"
     assert {k.split("/")[0] for k in changed} == {"generator", "fake", "generator_ema"}
-
-
-def _named(role, host):
-    """(name, parameter) pairs of a role: its own tensors, or for the reference all frozen base tensors."""
-    if role.module is not None:
-        return list(role.module.named_parameters())
-    if role.adapter is None:
-        return [(n, p) for n, p in host.named_parameters() if "lora_" not in n]
-    own = {id(p) for p in role.parameters()}
-    return [(n, p) for n, p in host.named_parameters() if id(p) in own]
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])

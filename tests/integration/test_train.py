@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from utils import role_named_parameters
 
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.config import load_config
@@ -96,15 +97,6 @@ def test_advantages_are_normalised_per_group(paths, tmp_path):
     scorer.close()
 
 
-def _named(role, host):
-    if role.module is not None:
-        return list(role.module.named_parameters())
-    if role.adapter is None:
-        return [(n, p) for n, p in host.named_parameters() if "lora_" not in n]
-    own = {id(p) for p in role.parameters()}
-    return [(n, p) for n, p in host.named_parameters() if id(p) in own]
-
-
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_two_epochs_change_every_trainable_parameter_and_no_frozen_one(mode, paths, tmp_path):
     cfg = make_cfg(paths, tmp_path, f"roles.mode={mode}", "optim.weight_decay=0.0")
@@ -112,7 +104,7 @@ def test_two_epochs_change_every_trainable_parameter_and_no_frozen_one(mode, pat
     opts = build_optimizers(roles, cfg.optim)
     assert set(opts) == {"generator", "fake", "surrogate"}
     host = roles.host.model if mode == "lora" else None
-    everything = {f"{n}/{k}": p for n, r in roles.active().items() for k, p in _named(r, host)}
+    everything = {f"{n}/{k}": p for n, r in roles.active().items() for k, p in role_named_parameters(r, host)}
     before = {k: p.detach().clone() for k, p in everything.items()}
     stream, gen = PromptStream(world.train_words, 0), torch.Generator().manual_seed(0)
     for epoch in (1, 2):
