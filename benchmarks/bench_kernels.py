@@ -84,9 +84,9 @@ def _setup_vmse(n, dtype, device):
 
 def _setup_x0(n, dtype, device):
     x0, tk, tc, tr, rr, rs = _rows(n, dtype, device, 6)
-    return dict(
-        x0=x0, tk=tk, tc=tc, tr=tr, rr=rr, rs=rs, trunc=torch.tensor([False, True, False, False], device=device)
-    )
+    # per-sample (w_kl, w_cfg, w_reward): TDM-R1 steps before trunc_steps and one truncated step (w_tdm 0.3)
+    w = torch.tensor([[1.0, 0.3, 0.7], [0.3, 0.3, 0.0], [1.0, 0.3, 0.7], [1.0, 0.3, 0.7]], device=device)[:BATCH]
+    return dict(x0=x0, tk=tk, tc=tc, tr=tr, rr=rr, rs=rs, w=w)
 
 
 def _setup_gp(n, dtype, device):
@@ -147,13 +147,13 @@ CASES = [
          lambda i, be: (K.fused_velocity_target_mse(i["x"], i["noise"], i["s"], i["tau"], i["v"], backend=be),),
          backward=True),
     Case("revised_x0_loss", "fwd", lambda n, e: 6 * n * e, _setup_x0,
-         lambda i: lambda x0, tk, tc, tr, rr, rs, trunc, **_: R.revised_x0_loss_ref(x0, tk, tc, tr, rr, rs, trunc),
-         lambda i, be: K.fused_revised_x0_loss(i["x0"], i["tk"], i["tc"], i["tr"], i["rr"], i["rs"], i["trunc"],
+         lambda i: lambda x0, tk, tc, tr, rr, rs, w, **_: R.revised_x0_loss_ref(x0, tk, tc, tr, rr, rs, w),
+         lambda i, be: K.fused_revised_x0_loss(i["x0"], i["tk"], i["tc"], i["tr"], i["rr"], i["rs"], i["w"],
                                                backend=be)),
     # forward reads x0_hat, 3 targets, 2 normaliser references; backward reads x0_hat, 3 targets, writes the grad
     Case("revised_x0_loss", "fwd+bwd", lambda n, e: 11 * n * e, _with_grad(_setup_x0, "x0"),
-         lambda i: lambda x0, tk, tc, tr, rr, rs, trunc, **_: R.revised_x0_loss_ref(x0, tk, tc, tr, rr, rs, trunc),
-         lambda i, be: K.fused_revised_x0_loss(i["x0"], i["tk"], i["tc"], i["tr"], i["rr"], i["rs"], i["trunc"],
+         lambda i: lambda x0, tk, tc, tr, rr, rs, w, **_: R.revised_x0_loss_ref(x0, tk, tc, tr, rr, rs, w),
+         lambda i, be: K.fused_revised_x0_loss(i["x0"], i["tk"], i["tc"], i["tr"], i["rr"], i["rs"], i["w"],
                                                backend=be), backward=True),
     # per sample: scores read l, l_ref, A (e) and group (8); weights read S_g (4), l, l_ref, l_old, A (4e),
     # group (8) and write w (4) and two bool masks (2)

@@ -3,6 +3,7 @@
 CUDA -> triton; CPU -> native when the CMake-built library is present, else reference.
 `TDM_R1_KERNELS=reference|native|triton` overrides the choice (an unusable override is an error, never a
 silent fallback). The choice is logged once per device type through the `kernels` logger.
+float64 tensors always take the reference (the fused kernels compute in fp32), also logged once.
 """
 
 from __future__ import annotations
@@ -83,13 +84,19 @@ def _default(device: torch.device) -> tuple[str, str]:
     return "reference", f"no fused kernels for {device.type}"
 
 
-def resolve_backend(device: torch.device, backend: str | None = None) -> str:
-    """Backend for tensors on `device`: the explicit `backend` if given, else the cached per-device choice."""
+def resolve_backend(device: torch.device, backend: str | None = None, dtype: torch.dtype | None = None) -> str:
+    """Backend for tensors on `device`: the explicit `backend` if given, else the cached per-device choice
+    (`reference` for float64 `dtype`, which no fused kernel computes in)."""
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS}")
         _check_usable(backend, device)
         return backend
+    if dtype == torch.float64:
+        if "float64" not in _chosen:
+            _chosen["float64"] = "reference"
+            logger.info("kernels: float64 tensors use the reference backend (sampler_step, renoise in float64)")
+        return "reference"
     if device.type in _chosen:
         return _chosen[device.type]
     env = os.environ.get(ENV_BACKEND, "").strip().lower()

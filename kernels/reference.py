@@ -5,6 +5,8 @@ Per-sample tensors have shape [B]; per-element tensors [B, ...]. Every reference
 computes, and returns per-element outputs in the input dtype and per-sample values in fp32.
 The `*_coefficients` helpers turn per-sample schedule values into per-sample fp32 coefficients (computed
 in fp64); every backend uses them, so all backends apply identical coefficients.
+float64 inputs run here on every device (`kernels.dispatch`): `sampler_step` and `renoise` then compute in
+float64 with float64 coefficients (exact samplers for numerical analysis); the loss ops still compute in fp32.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from torch import Tensor
 
 __all__ = [
     "GroupPreference",
+    "RevisedX0Weights",
+    "elementwise_dtype",
     "group_preference_ref",
     "group_preference_scores_ref",
     "group_preference_weights_ref",
@@ -49,15 +53,26 @@ def _bcast(c: Tensor, like: Tensor) -> Tensor:
     return c.view(-1, *([1] * (like.dim() - 1)))
 
 
+def elementwise_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """Compute dtype of the per-element references: float64 when any input is float64, else float32."""
+    wide = any(t is not None and t.dtype == torch.float64 for t in tensors)
+    return torch.float64 if wide else torch.float32
+
+
 def _lam(u: Tensor) -> Tensor:
     """Half log-SNR of rectified flow, log((1 - u) / u), in fp64 (inf at the ends is handled by callers)."""
     return torch.log1p(-u) - torch.log(u)
 
 
 def sampler_step_coefficients(
-    s: Tensor | float, s_next: Tensor | float, batch: int, device: torch.device, s_prev: Tensor | float | None = None
+    s: Tensor | float,
+    s_next: Tensor | float,
+    batch: int,
+    device: torch.device,
+    s_prev: Tensor | float | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-sample fp32 (s, dt, c2) for `sampler_step`.
+    """Per-sample (s, dt, c2) for `sampler_step`, in `dtype` (fp32 for every kernel).
 
     dt = s - s_next (Euler/DDIM). c2 is the DPM-Solver++(2M) correction weight (None without s_prev):
     with lambda(u) = log((1-u)/u), h = lambda(s_next) - lambda(s), r = (lambda(s) - lambda(s_prev)) / h,
@@ -67,9 +82,9 @@ def sampler_step_coefficients(
     """
     s64 = per_sample(s, batch, device)
     sn64 = per_sample(s_next, batch, device)
-    dt = (s64 - sn64).float()
+    dt = (s64 - sn64).to(dtype)
     if s_prev is None:
-        return s64.float(), dt, None
+        return s64.to(dtype), dt, None
     sp64 = per_sample(s_prev, batch, device)
     second = (sp64 < 1) & (sn64 > 0) & (s64 < 1) & (s64 > 0)
     safe = lambda u: torch.where(second, u, torch.full_like(u, 0.5))  # keeps log finite where masked
@@ -78,13 +93,13 @@ def sampler_step_coefficients(
     r = (_lam(s_) - _lam(sp_)) / h
     c2 = -(1 - sn_ / s_) / (2 * r)
     c2 = torch.where(second, c2, torch.zeros_like(c2))
-    return s64.float(), dt, c2.float()
+    return s64.to(dtype), dt, c2.to(dtype)
 
 
 def renoise_coefficients(
-    s: Tensor | float, tau: Tensor | float, batch: int, device: torch.device
+    s: Tensor | float, tau: Tensor | float, batch: int, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> tuple[Tensor, Tensor]:
-    """Per-sample fp32 (a, b): a = (1 - tau)/(1 - s), b = sqrt(tau^2 - (a s)^2), for 0 <= s <= tau <= 1.
+    """Per-sample (a, b) in `dtype`: a = (1 - tau)/(1 - s), b = sqrt(tau^2 - (a s)^2), for 0 <= s <= tau <= 1.
 
     At s = 1 (only tau = 1 is valid) the limit a = 1, b = 0 is used; tau^2 - (a s)^2 is clamped at 0 so
     tau = s gives b = 0 exactly instead of a rounding-error NaN.
@@ -93,7 +108,7 @@ def renoise_coefficients(
     tau64 = per_sample(tau, batch, device)
     a = torch.where(s64 < 1, (1 - tau64) / (1 - s64).clamp_min(1e-300), torch.ones_like(s64))
     b = torch.sqrt((tau64 * tau64 - (a * s64) ** 2).clamp_min(0))
-    return a.float(), b.float()
+    return a.to(dtype), b.to(dtype)
 
 
 def velocity_target_coefficients(
@@ -129,30 +144,36 @@ def sampler_step_ref(
 
     Euler/DDIM: x0_hat = x - s v, x_next = x - (s - s_next) v. With x0_prev and s_prev (the previous step's
     x0_hat and s) the DPM-Solver++(2M) update adds c2 * (x0_prev - x0_hat), see `sampler_step_coefficients`.
-    With noise and tau, x_tau = renoise(x_next) is computed from the fp32 x_next (fused re-noising).
+    With noise and tau, x_tau = renoise(x_next) is computed from the unrounded x_next (fused re-noising).
+    Computed in fp32, or in float64 (coefficients included) when an input is float64.
     """
     if (x0_prev is None) != (s_prev is None):
         raise ValueError("DPM-Solver++(2M) needs both x0_prev and s_prev")
     if (noise is None) != (tau is None):
         raise ValueError("re-noising needs both noise and tau")
     B = x.shape[0]
-    s32, dt, c2 = sampler_step_coefficients(s, s_next, B, x.device, s_prev)
-    xf, vf = x.float(), v.float()
-    x0_hat = xf - _bcast(s32, xf) * vf
+    ct = elementwise_dtype(x, v, x0_prev, noise)
+    s_c, dt, c2 = sampler_step_coefficients(s, s_next, B, x.device, s_prev, ct)
+    xf, vf = x.to(ct), v.to(ct)
+    x0_hat = xf - _bcast(s_c, xf) * vf
     x_next = xf - _bcast(dt, xf) * vf
     if x0_prev is not None:
-        x_next = x_next + _bcast(c2, xf) * (x0_prev.float() - x0_hat)
+        x_next = x_next + _bcast(c2, xf) * (x0_prev.to(ct) - x0_hat)
     x_tau = None
     if noise is not None:
-        a, b = renoise_coefficients(s_next, tau, B, x.device)
-        x_tau = (_bcast(a, xf) * x_next + _bcast(b, xf) * noise.float()).to(x.dtype)
+        a, b = renoise_coefficients(s_next, tau, B, x.device, ct)
+        x_tau = (_bcast(a, xf) * x_next + _bcast(b, xf) * noise.to(ct)).to(x.dtype)
     return x_next.to(x.dtype), x0_hat.to(x.dtype), x_tau
 
 
 def renoise_ref(x: Tensor, noise: Tensor, s: Tensor | float, tau: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
-    """Re-noise a state at s to tau >= s: (x_tau = a x + b n, a [B], b [B]), see `renoise_coefficients`."""
-    a, b = renoise_coefficients(s, tau, x.shape[0], x.device)
-    x_tau = _bcast(a, x) * x.float() + _bcast(b, x) * noise.float()
+    """Re-noise a state at s to tau >= s: (x_tau = a x + b n, a [B], b [B]), see `renoise_coefficients`.
+
+    Computed in fp32 (a, b fp32), or in float64 (a, b float64) when an input is float64.
+    """
+    ct = elementwise_dtype(x, noise)
+    a, b = renoise_coefficients(s, tau, x.shape[0], x.device, ct)
+    x_tau = _bcast(a, x) * x.to(ct) + _bcast(b, x) * noise.to(ct)
     return x_tau.to(x.dtype), a, b
 
 
@@ -168,19 +189,25 @@ def velocity_target_mse_ref(x: Tensor, noise: Tensor, s: Tensor | float, tau: Te
     return (v_star - v_pred.float()).square().flatten(1).mean(1)
 
 
-def revised_x0_weights(
-    truncated: Tensor | bool, w_tdm: float, batch: int, device: torch.device, with_reward: bool = True
-) -> Tensor:
-    """Per-sample fp32 term weights [B, 3] for (KL, CFG, reward).
+RevisedX0Weights = tuple[float, float, float] | Tensor  # (w_kl, w_cfg, w_reward), [3] or [B, 3]
 
-    Not truncated: (1, w_tdm, 1 - w_tdm); truncated (step j >= trunc_steps): (w_tdm, w_tdm, 0).
-    Without a reward term (TDM distillation) the reward weight is 0 and the others are unchanged.
+
+def revised_x0_weights(weights: RevisedX0Weights, batch: int, device: torch.device, with_reward: bool = True) -> Tensor:
+    """Per-sample fp32 term weights [B, 3] for (KL, CFG, reward), no gradient.
+
+    `weights` is the caller's (w_kl, w_cfg, w_reward): a tuple or [3] tensor for every sample, or a [B, 3]
+    tensor per sample. The op applies them as given; which weights a step gets (TDM-R1, truncated steps,
+    distillation, ablations) is the training loop's decision. Without a reward term (with_reward False)
+    L_reward is 0, and a nonzero python w_reward is an error (a tensor is not inspected: that would sync).
     """
-    trunc = torch.as_tensor(truncated, device=device).to(torch.bool).expand(batch)
-    w_kl = torch.where(trunc, w_tdm, 1.0)
-    w_cfg = torch.full((batch,), w_tdm, dtype=torch.float64, device=device)
-    w_rew = torch.where(trunc, 0.0, 1.0 - w_tdm) if with_reward else torch.zeros_like(w_cfg)
-    return torch.stack([w_kl.double(), w_cfg, w_rew.double()], dim=1).float()
+    if not with_reward and not isinstance(weights, Tensor) and float(weights[2]) != 0.0:
+        raise ValueError(f"w_reward = {weights[2]} needs target_reward and ref_reward")
+    w = torch.as_tensor(weights, dtype=torch.float32, device=device).detach()
+    if w.shape == (3,):
+        w = w.expand(batch, 3)
+    if w.shape != (batch, 3):
+        raise ValueError(f"weights must be (w_kl, w_cfg, w_reward) or have shape [{batch}, 3], got {tuple(w.shape)}")
+    return w.contiguous()
 
 
 def revised_x0_loss_ref(
@@ -190,16 +217,15 @@ def revised_x0_loss_ref(
     target_reward: Tensor | None,
     ref_real: Tensor,
     ref_reward: Tensor | None,
-    truncated: Tensor | bool,
-    w_tdm: float = 0.3,
+    weights: RevisedX0Weights,
     eps: float = REVISED_X0_EPS,
 ) -> tuple[Tensor, Tensor]:
     """Per-sample generator loss, fp32 (loss [B], terms [B, 3] = unweighted (L_kl, L_cfg, L_reward)).
 
     L_term = mean((x0_hat - target)^2) / w, w = mean|x0_hat - ref| + eps with no gradient; ref is
     x0_real^cfg for KL and CFG, x0_sur^cfg (ref_reward) for the reward term.
-    loss = w_kl L_kl + w_cfg L_cfg + w_rew L_reward with weights from `revised_x0_weights`.
-    target_reward and ref_reward are both given or both None (reward term off).
+    loss = w_kl L_kl + w_cfg L_cfg + w_rew L_reward with the caller's weights (see `revised_x0_weights`).
+    target_reward and ref_reward are both given or both None (reward term off: L_reward = 0).
     """
     if (target_reward is None) != (ref_reward is None):
         raise ValueError("target_reward and ref_reward must be given together")
@@ -215,9 +241,9 @@ def revised_x0_loss_ref(
         l_rew = sq(target_reward) / w_sur
     else:
         l_rew = torch.zeros_like(l_kl)
-    weights = revised_x0_weights(truncated, w_tdm, x.shape[0], x.device, target_reward is not None)
+    w = revised_x0_weights(weights, x.shape[0], x.device, target_reward is not None)
     terms = torch.stack([l_kl, l_cfg, l_rew], dim=1)
-    loss = (terms * weights).sum(1)
+    loss = (terms * w).sum(1)
     return loss, terms.detach()
 
 

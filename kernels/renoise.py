@@ -79,7 +79,9 @@ def fused_renoise(
     out: Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Re-noise x (a state at s) to tau >= s: returns (x_tau [B, ...] in x's dtype, a [B] fp32, b [B] fp32).
+    """Re-noise x (a state at s) to tau >= s: returns (x_tau [B, ...] in x's dtype, a [B], b [B]).
+
+    a, b are fp32 (float64 for float64 inputs, which run the float64 reference).
 
     x, noise [B, ...]; s, tau float or [B]. Gradients flow to x and noise. `out`: a contiguous buffer of x's
     shape and dtype to write x_tau into, only without autograd.
@@ -88,7 +90,7 @@ def fused_renoise(
         raise ValueError("out= writes outside autograd: use it under torch.no_grad()")
     if out is not None:
         check_out("out", out, x)
-    backend = resolve_backend(x.device, backend)
+    backend = resolve_backend(x.device, backend, compute_dtype(x, noise))
     if backend == "reference":
         x_tau, a, b = renoise_ref(x, noise, s, tau)
         return (x_tau if out is None else out.copy_(x_tau)), a, b

@@ -1,8 +1,8 @@
 """Per-sample generator loss L = sum_k w_k mean((x0_hat - target_k)^2) / n_k over k in (KL, CFG, reward).
 
 n_KL = n_CFG = mean|x0_hat - ref_real| + eps and n_reward = mean|x0_hat - ref_reward| + eps are computed in
-the same pass and carry no gradient; the weights w_k come from `kernels.reference.revised_x0_weights`
-(w_tdm and trunc_steps). One pass produces five per-sample sums; backward is a second pass:
+the same pass and carry no gradient; the weights w_k are the caller's (w_kl, w_cfg, w_reward), per call or per
+sample (`kernels.reference.revised_x0_weights`). One pass produces five per-sample sums; backward is a second pass:
 dL_i/dx0_hat = (2/D) sum_k (w_k / n_k) (x0_hat - target_k), D the per-sample element count.
 """
 
@@ -13,7 +13,7 @@ from torch import Tensor
 
 from kernels._common import alloc, block_for, check_like, compute_dtype, launch_opts, rows, tl, triton
 from kernels.dispatch import resolve_backend
-from kernels.reference import REVISED_X0_EPS, revised_x0_loss_ref, revised_x0_weights
+from kernels.reference import REVISED_X0_EPS, RevisedX0Weights, revised_x0_loss_ref, revised_x0_weights
 
 __all__ = ["RevisedX0LossFunction", "fused_revised_x0_loss", "revised_x0_loss_bwd", "revised_x0_loss_fwd"]
 
@@ -117,10 +117,11 @@ def revised_x0_loss_bwd(
     return grad.view(x0_hat.shape).to(x0_hat.dtype)
 
 
-def _combine(sums: Tensor, weights: Tensor, D: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss [B], terms [B, 3], normalisers [B, 3]) from the per-sample sums."""
+def _combine(sums: Tensor, weights: Tensor, D: int, eps: float, has_reward: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss [B], terms [B, 3], normalisers [B, 3]) from the per-sample sums. Without a reward term its sums are
+    0 and its normaliser is set to 1, so L_reward = 0 (not 0/0 when eps = 0)."""
     n_real = sums[:, 0] / D + eps
-    n_sur = sums[:, 1] / D + eps
+    n_sur = sums[:, 1] / D + eps if has_reward else torch.ones_like(n_real)
     norm = torch.stack([n_real, n_real, n_sur], dim=1)
     terms = sums[:, 2:] / D / norm
     return (terms * weights).sum(1), terms, norm
@@ -131,7 +132,7 @@ class RevisedX0LossFunction(torch.autograd.Function):
     def forward(ctx, x0_hat, target_kl, target_cfg, target_reward, ref_real, ref_reward, weights, eps, backend):
         sums = revised_x0_loss_fwd(x0_hat, target_kl, target_cfg, target_reward, ref_real, ref_reward, backend)
         D = max(x0_hat[0].numel(), 1)
-        loss, terms, norm = _combine(sums, weights, D, eps)
+        loss, terms, norm = _combine(sums, weights, D, eps, target_reward is not None)
         ctx.save_for_backward(x0_hat, target_kl, target_cfg, target_reward, weights, norm)
         ctx.backend = backend
         ctx.mark_non_differentiable(terms)
@@ -155,8 +156,7 @@ def fused_revised_x0_loss(
     target_reward: Tensor | None,
     ref_real: Tensor,
     ref_reward: Tensor | None,
-    truncated: Tensor | bool,
-    w_tdm: float = 0.3,
+    weights: RevisedX0Weights,
     *,
     eps: float = REVISED_X0_EPS,
     backend: str | None = None,
@@ -167,17 +167,17 @@ def fused_revised_x0_loss(
     target_kl = x0_hat + (x0_real_cond - x0_fake), target_cfg = x0_hat + (cfg - 1)(x0_real_cond - x0_real_uncond),
     target_reward = x0_hat + (x0_sur^cfg - x0_ref) (None with ref_reward=None turns the reward term off),
     ref_real = x0_real^cfg (normaliser of KL and CFG), ref_reward = x0_sur^cfg (normaliser of the reward term).
-    truncated: bool or bool [B], step index j >= trunc_steps. terms holds the unweighted (L_kl, L_cfg, L_reward)
-    for logging. loss = w_tdm L_cfg + (1 - w_tdm) L_reward + L_kl, or w_tdm (L_cfg + L_kl) where truncated.
+    weights: (w_kl, w_cfg, w_reward) for every sample, or a [B, 3] tensor per sample; the caller decides them
+    (DESIGN section 5: (1, w_tdm, 1 - w_tdm) before trunc_steps, (w_tdm, w_tdm, 0) from it and in distillation).
+    loss = w_kl L_kl + w_cfg L_cfg + w_reward L_reward; terms holds the unweighted (L_kl, L_cfg, L_reward).
     """
     if (target_reward is None) != (ref_reward is None):
         raise ValueError("target_reward and ref_reward must be given together")
-    backend = resolve_backend(x0_hat.device, backend)
+    dtype = compute_dtype(x0_hat, target_kl, target_cfg, target_reward, ref_real, ref_reward)
+    backend = resolve_backend(x0_hat.device, backend, dtype)
     if backend == "reference":
-        return revised_x0_loss_ref(
-            x0_hat, target_kl, target_cfg, target_reward, ref_real, ref_reward, truncated, w_tdm, eps
-        )
-    weights = revised_x0_weights(truncated, w_tdm, x0_hat.shape[0], x0_hat.device, target_reward is not None)
+        return revised_x0_loss_ref(x0_hat, target_kl, target_cfg, target_reward, ref_real, ref_reward, weights, eps)
+    weights = revised_x0_weights(weights, x0_hat.shape[0], x0_hat.device, target_reward is not None)
     detached = (
         t.detach() if t is not None else None for t in (target_kl, target_cfg, target_reward, ref_real, ref_reward)
     )

@@ -27,7 +27,7 @@ from kernels._common import (
     triton,
 )
 from kernels.dispatch import resolve_backend
-from kernels.reference import renoise_coefficients, sampler_step_coefficients, sampler_step_ref
+from kernels.reference import elementwise_dtype, renoise_coefficients, sampler_step_coefficients, sampler_step_ref
 
 __all__ = ["SamplerStep", "SamplerStepFunction", "fused_sampler_step", "sampler_step_bwd", "sampler_step_fwd"]
 
@@ -204,7 +204,8 @@ class SamplerStepFunction(torch.autograd.Function):
 
 
 class SamplerStep(NamedTuple):
-    """x_next, x0_hat [B, ...] in x's dtype; x_tau [B, ...] and fp32 a, b [B] when re-noising was requested."""
+    """x_next, x0_hat [B, ...] in x's dtype; x_tau [B, ...] and a, b [B] (fp32; float64 for float64 inputs) when
+    re-noising was requested."""
 
     x_next: Tensor
     x0_hat: Tensor
@@ -246,11 +247,11 @@ def fused_sampler_step(
             raise ValueError("out holds (x_next, x0_hat), plus x_tau when re-noising")
         for name, o in zip(("x_next", "x0_hat", "x_tau"), out):
             check_out(f"out {name}", o, x)
-    backend = resolve_backend(x.device, backend)
+    backend = resolve_backend(x.device, backend, compute_dtype(x, v, x0_prev, noise))
     B = x.shape[0]
     a = b = None
     if noise is not None:
-        a, b = renoise_coefficients(s_next, tau, B, x.device)
+        a, b = renoise_coefficients(s_next, tau, B, x.device, elementwise_dtype(x, v, x0_prev, noise))
     if backend == "reference":
         results = sampler_step_ref(x, v, s, s_next, x0_prev, s_prev, noise, tau)
         if out is not None:

@@ -130,7 +130,7 @@ def fused_velocity_target_mse(
     v_pred [B, ...]: the model's velocity at (x_tau, tau); s, tau: float or [B] with 0 <= s < tau <= 1.
     v* = -x/(1-s) + (n/b)(tau + s^2 a/(1-s)) with a, b from `renoise_coefficients(s, tau)`.
     """
-    backend = resolve_backend(v_pred.device, backend)
+    backend = resolve_backend(v_pred.device, backend, compute_dtype(x, noise, v_pred))
     if backend == "reference":
         return velocity_target_mse_ref(x, noise, s, tau, v_pred)
     cx, cn = velocity_target_coefficients(s, tau, x.shape[0], x.device)

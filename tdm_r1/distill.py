@@ -23,22 +23,15 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from kernels import fused_revised_x0_loss, fused_sampler_step
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.config import Config, OptimConfig, TDMConfig, save_config, to_dict
 from tdm_r1.distributed import Shard
-from tdm_r1.losses import (
-    fake_score_loss,
-    generator_targets,
-    generator_term_weights,
-    renoise,
-    revised_x0_loss,
-    sample_tau,
-    x0_from_velocity,
-)
+from tdm_r1.losses import fake_score_loss, generator_targets, generator_term_weights, sample_tau, x0_from_velocity
 from tdm_r1.models.base import Cond
 from tdm_r1.report import JsonlLogger
 from tdm_r1.roles import Role, Roles, build_roles
-from tdm_r1.sampling import Trajectory, euler_step, rollout
+from tdm_r1.sampling import Trajectory, rollout
 
 # Config keys that may differ between a run and its resumption (they do not change the trajectory of
 # the training state, only how long it runs and what is written).
@@ -129,9 +122,10 @@ def fake_score_backward(
     x, v = traj.xs[j], traj.v[j]
     shard = shard or Shard(0, x.shape[0], x.shape[0], 0, 0)
     s, s_next = _per_sample(float(traj.s[j]), x), _per_sample(float(traj.s[j + 1]), x)
-    x_next, x0_hat = euler_step(x, v, s, s_next)
     tau = shard.take(sample_tau(shard.full(float(traj.s[j + 1]), x.device), tcfg.tau_margin, tcfg.shift, gen))
-    x_tau, _, _ = renoise(x_next, shard.randn(tuple(x.shape[1:]), gen, x.device), s_next, tau)
+    n = shard.randn(tuple(x.shape[1:]), gen, x.device)
+    with torch.no_grad():  # the generator's step from its stored output, re-noised to tau in the same pass
+        _, x0_hat, x_tau, _, _ = fused_sampler_step(x, v, s, s_next, noise=n, tau=tau)
     with torch.no_grad():
         v_real = reference.velocity(x_tau, tau, cond)
     v_fake = fake.velocity(x_tau, tau, cond)
@@ -147,17 +141,18 @@ def generator_backward(
     x = traj.xs[j]
     s, s_next = _per_sample(float(traj.s[j]), x), _per_sample(float(traj.s[j + 1]), x)
     v = roles.generator.velocity(x, s, cond)
-    x_next, x0_hat = euler_step(x, v, s, s_next)
     tau = sample_tau(s_next, tcfg.tau_margin, tcfg.shift, gen)
-    x_tau, _, _ = renoise(x_next.detach(), torch.randn(x.shape, generator=gen), s_next, tau)
+    # the rollout's sampler step, now with grad, re-noised to tau with fresh noise in the same pass
+    step = fused_sampler_step(x, v, s, s_next, noise=torch.randn(x.shape, generator=gen), tau=tau)
+    x0_hat, x_tau = step.x0_hat, step.x_tau.detach()
     with torch.no_grad():
         v_c, v_u = roles.reference.velocity_cfg(x_tau, tau, cond)
         v_f = roles.fake.velocity(x_tau, tau, cond)
     x0 = lambda vel: x0_from_velocity(x_tau, tau, vel)
     t = generator_targets(x0_hat, x0(v_c), x0(v_u), x0(v_f), tcfg.cfg)
     weights = generator_term_weights(j, tcfg.trunc_steps, tcfg.w_tdm, with_reward=False)
-    per_sample, terms = revised_x0_loss(
-        x0_hat, t["target_kl"], t["target_cfg"], None, t["ref_real"], None, weights, tcfg.normaliser_eps
+    per_sample, terms = fused_revised_x0_loss(
+        x0_hat, t["target_kl"], t["target_cfg"], None, t["ref_real"], None, weights, eps=tcfg.normaliser_eps
     )
     loss = per_sample.mean()
     roles.generator.backward(loss * scale)

@@ -1,16 +1,22 @@
-"""TDM losses (DESIGN section 5): re-noising, the fake-score loss, the generator's revised-x0 losses.
+"""TDM losses (DESIGN section 5): tau draws, the fake-score loss, the generator's loss weights and targets,
+the surrogate's group preference and loss.
 
 Rectified flow: x_s = (1 - s) x0 + s eps, v = eps - x0, x0_hat = x - s v. Per-sample schedule values
-(s, tau) are [B] tensors. Each function below is the plain-torch form of one fused op of DESIGN section 6
-(`renoise`, `revised_x0_loss`); the fake-score target (x_tau - x0_hat) / tau is the velocity of x_tau
-towards x0_hat. Every constant comes from `TDMConfig`.
+(s, tau) are [B] tensors. The math of DESIGN section 6 runs only in the fused ops of `kernels`, which the
+trainers call directly: `fused_sampler_step`, `fused_renoise`, `fused_velocity_target_mse` (the surrogate's
+per-sample loss), `fused_revised_x0_loss` (with the weights of `generator_term_weights`) and the group
+preference kernels (through `group_preference` below). The fake-score target (x_tau - x0_hat) / tau is the
+velocity of x_tau towards x0_hat. Every constant comes from `TDMConfig`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
+from kernels import fused_group_preference_scores, fused_group_preference_weights
 from tdm_r1.sampling import shift_time
 
 
@@ -36,19 +42,6 @@ def sample_tau(s_lo: Tensor, margin: float, shift: float, generator: torch.Gener
     return shift_time(u, shift).float()
 
 
-def renoise(x: Tensor, noise: Tensor, s: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Re-noise a state at s to tau >= s: x_tau = a x + b n, a = (1 - tau)/(1 - s), b = sqrt(tau^2 - (a s)^2).
-
-    If x = (1 - s) x0 + s eps with unit-variance eps independent of n, x_tau has the marginal of
-    (1 - tau) x0 + tau eps'. Returns (x_tau, a [B], b [B]); the coefficients are computed in fp64.
-    """
-    s64, tau64 = s.double(), tau.double()
-    a = torch.where(s64 < 1, (1 - tau64) / (1 - s64).clamp_min(1e-300), torch.ones_like(s64))
-    b = torch.sqrt((tau64 * tau64 - (a * s64) ** 2).clamp_min(0))
-    a, b = a.float(), b.float()
-    return _bcast(a, x) * x + _bcast(b, x) * noise.to(x.dtype), a, b
-
-
 def x0_from_velocity(x: Tensor, s: Tensor, v: Tensor) -> Tensor:
     """x0_hat = x - s v."""
     return x - _bcast(s, x) * v
@@ -70,46 +63,16 @@ def fake_score_loss(
 
 
 def generator_term_weights(j: int, trunc_steps: int, w_tdm: float, with_reward: bool) -> tuple[float, float, float]:
-    """(w_kl, w_cfg, w_reward) of L = w_kl L_kl + w_cfg L_cfg + w_reward L_reward at step index j.
+    """(w_kl, w_cfg, w_reward) of L = w_kl L_kl + w_cfg L_cfg + w_reward L_reward at step index j, the weights
+    `kernels.fused_revised_x0_loss` applies.
 
     TDM-R1 (reward on): (1, w_tdm, 1 - w_tdm) for j < trunc_steps, else (w_tdm, w_tdm, 0).
     TDM distillation (reward off): w_tdm applies to CFG and KL only, (w_tdm, w_tdm, 0) at every step.
+    The direct_rl ablation takes the TDM-R1 weights and moves w_reward to its own denoising term.
     """
     if not with_reward or j >= trunc_steps:
         return (w_tdm, w_tdm, 0.0)
     return (1.0, w_tdm, 1.0 - w_tdm)
-
-
-def revised_x0_loss(
-    x0_hat: Tensor,
-    target_kl: Tensor,
-    target_cfg: Tensor,
-    target_reward: Tensor | None,
-    ref_real: Tensor,
-    ref_reward: Tensor | None,
-    weights: tuple[float, float, float],
-    eps: float,
-) -> tuple[Tensor, Tensor]:
-    """Per-sample generator loss (loss [B], unweighted terms [B, 3] = (L_kl, L_cfg, L_reward), detached).
-
-    L_term = mean((x0_hat - sg(target))^2) / sg(w), w = mean|x0_hat - ref| + eps, ref = x0_real^cfg for KL
-    and CFG, x0_sur^cfg for the reward term. The gradient wrt x0_hat is 2 (x0_hat - target) / (w numel).
-    """
-    if (target_reward is None) != (ref_reward is None):
-        raise ValueError("target_reward and ref_reward must be given together")
-    x = x0_hat.float()
-    sq = lambda t: _per_sample_mean((x - t.detach().float()).square())
-    with torch.no_grad():
-        w_real = _per_sample_mean((x - ref_real.float()).abs()) + eps
-    l_kl, l_cfg = sq(target_kl) / w_real, sq(target_cfg) / w_real
-    l_rew = torch.zeros_like(l_kl)
-    if target_reward is not None:
-        with torch.no_grad():
-            w_sur = _per_sample_mean((x - ref_reward.float()).abs()) + eps
-        l_rew = sq(target_reward) / w_sur
-    w_kl, w_cfg, w_rew = weights
-    loss = w_kl * l_kl + w_cfg * l_cfg + w_rew * l_rew
-    return loss, torch.stack([l_kl, l_cfg, l_rew], dim=1).detach()
 
 
 @torch.no_grad()
@@ -150,21 +113,6 @@ def generator_targets(
 # -- TDM-R1 surrogate reward (DESIGN section 5.4b) ----------------------------------------------------
 
 
-def surrogate_velocity_target(x: Tensor, noise: Tensor, s: Tensor, tau: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """v* = -x/(1 - s) + (n/b)(tau + s^2 a/(1 - s)) for x_tau = a x + b n re-noised from the stored state
-    x at s (= eps - x0 at s = 0). It is the velocity of x_tau along the flow through the trajectory."""
-    one_m_s = _bcast(1.0 - s, x)
-    return -x / one_m_s + noise / _bcast(b, x) * (_bcast(tau, x) + _bcast(s * s * a, x) / one_m_s)
-
-
-def velocity_target_mse(
-    x: Tensor, noise: Tensor, s: Tensor, tau: Tensor, a: Tensor, b: Tensor, v_pred: Tensor
-) -> Tensor:
-    """Per-sample mean (v* - v_pred)^2 [B] (the plain-torch form of the fused `velocity_target_mse`)."""
-    v_star = surrogate_velocity_target(x.float(), noise.float(), s, tau, a, b)
-    return _per_sample_mean((v_star.detach() - v_pred.float()).square())
-
-
 def group_preference(
     l: Tensor,
     l_ref: Tensor,
@@ -176,29 +124,25 @@ def group_preference(
     clip: float,
     ref_drift: Tensor,
     ref_drift_max: float,
-    group_score_sum=None,
+    group_score_sum: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """Group weights and gates of the surrogate loss, all detached.
+    """Group weights and gates of the surrogate loss, all detached, from the fused group preference kernels.
 
-    S_g = sum_{i in g} A_i beta_dpo (l_i - l_ref_i) / G (summed across ranks by `group_score_sum`, a
-    callable on the [n_groups] partial sums), w_g = sigmoid(S_g). PPO gate (ratio = exp(l_old - l)):
-    drop i when (A_i > 0 and ratio > 1 + c) or (A_i <= 0 and ratio < 1 - c). Reference gate: when the
-    batch mean (v_sur - v_ref)^2 (`ref_drift`) exceeds `ref_drift_max`, drop samples that already moved
-    past the reference in their advantage direction (A > 0 and l < l_ref, or A <= 0 and l > l_ref).
+    S_g = sum_{i in g} A_i beta_dpo (l_i - l_ref_i) / G (`fused_group_preference_scores`, then summed across
+    ranks by `group_score_sum`, a callable on the [n_groups] partial sums), w_g = sigmoid(S_g). PPO gate
+    (ratio = exp(l_old - l)): drop i when (A_i > 0 and ratio > 1 + c) or (A_i <= 0 and ratio < 1 - c).
+    Reference gate: when the batch mean (v_sur - v_ref)^2 (`ref_drift`) exceeds `ref_drift_max`, drop samples
+    that already moved past the reference in their advantage direction (A > 0 and l < l_ref, or A <= 0 and
+    l > l_ref). Weights and gates: `fused_group_preference_weights`.
     Returns {"weight" [B], "keep" [B] bool, "ppo_gate" [B] bool, "ref_gate" [B] bool, "score" [B]}.
     """
-    l, l_ref, l_old, adv = l.detach().float(), l_ref.detach().float(), l_old.detach().float(), adv.float()
     groups = group_ids.long()
     n_groups = int(groups.max()) + 1
-    partial = torch.zeros(n_groups, dtype=torch.float32, device=l.device)
-    partial.index_add_(0, groups, adv * beta_dpo * (l - l_ref) / group_size)
+    partial = fused_group_preference_scores(l, l_ref, adv, groups, n_groups, beta_dpo, group_size)
     scores = group_score_sum(partial) if group_score_sum is not None else partial
-    weight = torch.sigmoid(scores)[groups]
-    ratio = torch.exp(l_old - l)
-    pos = adv > 0
-    ppo_gate = (pos & (ratio > 1.0 + clip)) | (~pos & (ratio < 1.0 - clip))
-    moved_past = (pos & (l < l_ref)) | (~pos & (l > l_ref))
-    ref_gate = moved_past & (ref_drift.detach() > ref_drift_max)
+    weight, ppo_gate, ref_gate = fused_group_preference_weights(
+        scores, l, l_ref, l_old, adv, groups, clip, ref_drift.detach(), ref_drift_max
+    )
     keep = ~(ppo_gate | ref_gate)
     return {"weight": weight, "keep": keep, "ppo_gate": ppo_gate, "ref_gate": ref_gate, "score": scores[groups]}
 

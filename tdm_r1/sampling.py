@@ -4,6 +4,7 @@
 - `rollout`: the deterministic few-step sampler returning the whole trajectory (all K + 1 states,
   the s values and the model outputs), with a DPM-Solver++(2M) option and an `eta` stochastic
   re-noising option (ablation only).
+Every update runs the fused `kernels.fused_sampler_step`, the op the training losses differentiate through.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kernels import fused_sampler_step
 from tdm_r1.models.base import Cond, FlowModel
 
 
@@ -30,28 +32,16 @@ def schedule(steps: int, shift: float = 3.0) -> Tensor:
     return shift_time(u, shift).float()
 
 
-def euler_step(x: Tensor, v: Tensor, s: Tensor, s_next: Tensor) -> tuple[Tensor, Tensor]:
-    """x_next = x - (s - s_next) v and x0_hat = x - s v, per-sample s [B]."""
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    s, s_next = s.view(shape).to(x.dtype), s_next.view(shape).to(x.dtype)
-    return x - (s - s_next) * v, x - s * v
+def eta_ray_point(s_next: float, eta: float) -> float:
+    """The point s_mid of the deterministic ray from which re-noising to s_next gives the eta step.
 
-
-def dpmpp2m_step(
-    x: Tensor, x0: Tensor, x0_prev: Tensor | None, s_prev: float | None, s: float, s_next: float
-) -> Tensor:
-    """DPM-Solver++(2M) in data prediction for alpha = 1 - s, sigma = s; first order when there is no
-    history and at the final step (s_next = 0, where lambda is infinite)."""
-    if s_next <= 0.0:
-        return x0
-    lam = lambda t: torch.log(torch.tensor((1.0 - t) / t, dtype=torch.float64))  # noqa: E731
-    h = float(lam(s_next) - lam(s))
-    d = x0
-    if x0_prev is not None and s_prev is not None and s_prev < 1.0:
-        r = float(lam(s) - lam(s_prev)) / h
-        d = (1.0 + 1.0 / (2.0 * r)) * x0 - (1.0 / (2.0 * r)) * x0_prev
-    # x_next = (sigma_next / sigma) x - alpha_next (e^{-h} - 1) D
-    return (s_next / s) * x - (1.0 - s_next) * (torch.exp(torch.tensor(-h)).item() - 1.0) * d
+    The eta step x_next = (1 - s') x0_hat + s' (sqrt(1 - eta^2) eps_hat + eta n) equals renoise(x_mid, n, s_mid, s')
+    for x_mid = (1 - s_mid) x0_hat + s_mid eps_hat (the Euler step to s_mid): with c = sqrt(1 - eta^2),
+    a = (1 - s')/(1 - s_mid) and b = sqrt(s'^2 - (a s_mid)^2) match when s_mid = s' c / (1 - s' + s' c), and then
+    b = s' eta. eta = 0 gives s_mid = s' (no re-noising), eta = 1 gives s_mid = 0 (x_mid = x0_hat).
+    """
+    c = (1.0 - eta * eta) ** 0.5
+    return s_next * c / (1.0 - s_next + s_next * c)
 
 
 def guided_velocity(model: FlowModel, x: Tensor, s: Tensor, cond: Cond, cfg: float) -> Tensor:
@@ -85,32 +75,35 @@ def rollout(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> Trajectory:
-    """Few-step sampler from pure noise; returns the whole trajectory. Deterministic unless eta > 0:
-    then x_next = (1 - s') x0_hat + s' (sqrt(1 - eta^2) eps_hat + eta n) with fresh noise n."""
+    """Few-step sampler from pure noise; returns the whole trajectory, written step by step into its storage.
+
+    Euler: x_next = x - (s - s_next) v; DPM-Solver++(2M) adds its second-order term from the previous x0_hat.
+    Deterministic unless eta > 0: then every step but the last is x_next = (1 - s') x0_hat +
+    s' (sqrt(1 - eta^2) eps_hat + eta n) with fresh noise n (the Euler step to `eta_ray_point`, re-noised).
+    """
     if solver not in ("euler", "dpmpp2m"):
         raise ValueError(f"unknown solver {solver!r}; expected 'euler' or 'dpmpp2m'")
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     sched = schedule(steps, shift)
-    b = noise.shape[0]
-    x = noise
-    xs, vs = [x], []
-    x0_prev = None
+    xs = torch.empty((steps + 1, *noise.shape), dtype=noise.dtype, device=noise.device)
+    xs[0] = noise
+    x0_bufs = [torch.empty_like(xs[0]), torch.empty_like(xs[0])]  # this step's x0_hat and the previous one
+    vs = []
     for i in range(steps):
         s, s_next = float(sched[i]), float(sched[i + 1])
-        s_b = torch.full((b,), s, device=x.device)
-        v = guided_velocity(model, x, s_b, cond, cfg)
-        x_next, x0_hat = euler_step(x, v, s_b, torch.full((b,), s_next, device=x.device))
-        if solver == "dpmpp2m":
-            x_next = dpmpp2m_step(x, x0_hat, x0_prev, float(sched[i - 1]) if i > 0 else None, s, s_next)
+        x, x0_hat, x0_prev = xs[i], x0_bufs[i % 2], x0_bufs[(i + 1) % 2]
+        v = guided_velocity(model, x, torch.full((x.shape[0],), s, device=x.device), cond, cfg)
         if eta > 0.0 and s_next > 0.0:
-            eps_hat = x + (1.0 - s) * v
             n = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x_next = (1.0 - s_next) * x0_hat + s_next * ((1.0 - eta**2) ** 0.5 * eps_hat + eta * n)
+            x_mid = torch.empty_like(x)  # the Euler step to the ray point, re-noised into xs[i + 1]
+            fused_sampler_step(x, v, s, eta_ray_point(s_next, eta), noise=n, tau=s_next, out=(x_mid, x0_hat, xs[i + 1]))
+        elif solver == "dpmpp2m" and i > 0:
+            fused_sampler_step(x, v, s, s_next, x0_prev=x0_prev, s_prev=float(sched[i - 1]), out=(xs[i + 1], x0_hat))
+        else:
+            fused_sampler_step(x, v, s, s_next, out=(xs[i + 1], x0_hat))
         vs.append(v)
-        xs.append(x_next)
-        x0_prev, x = x0_hat, x_next
-    return Trajectory(torch.stack(xs), sched.to(noise.device), torch.stack(vs))
+    return Trajectory(xs, sched.to(noise.device), torch.stack(vs))
 
 
 @torch.no_grad()

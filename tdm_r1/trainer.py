@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kernels import fused_renoise, fused_revised_x0_loss, fused_sampler_step, fused_velocity_target_mse
 from tdm_r1.advantages import group_advantages
 from tdm_r1.config import Config, TDMConfig, TrainConfig
 from tdm_r1.distill import PromptStream, fake_score_backward
@@ -27,17 +28,14 @@ from tdm_r1.losses import (
     generator_targets,
     generator_term_weights,
     group_preference,
-    renoise,
-    revised_x0_loss,
     sample_tau,
     surrogate_loss,
-    velocity_target_mse,
     x0_from_velocity,
 )
 from tdm_r1.models.base import Cond
 from tdm_r1.rewards.base import RewardFailureError, score_images
 from tdm_r1.roles import Roles
-from tdm_r1.sampling import Trajectory, euler_step, rollout
+from tdm_r1.sampling import Trajectory, rollout
 
 # Config keys that may change between a run and its resumption (how long it runs and what it writes).
 RESUMABLE_CHANGES = (
@@ -208,15 +206,15 @@ def surrogate_backward(
     s = _full(s_val, x)
     tau = _tau(mb, max(s_val, tc.t_min_surrogate), tdm, gen, x.device)
     n = group_noise(mb.group_ids, mb.shard.groups, tuple(x.shape[1:]), gen).to(x.device)
-    x_tau, a, b = renoise(x, n, s, tau)
+    x_tau, _, _ = fused_renoise(x, n, s, tau)
     v_sur = roles.surrogate.velocity(x_tau, tau, mb.cond)
     reference = roles.reference if tc.surrogate_reference == "teacher" else roles.slow_surrogate
     with torch.no_grad():
         v_ref = reference.velocity(x_tau, tau, mb.cond)
         v_old = roles.slow_surrogate.velocity(x_tau, tau, mb.cond)
-        l_ref = velocity_target_mse(x, n, s, tau, a, b, v_ref)
-        l_old = velocity_target_mse(x, n, s, tau, a, b, v_old)
-    l = velocity_target_mse(x, n, s, tau, a, b, v_sur)
+        l_ref = fused_velocity_target_mse(x, n, s, tau, v_ref)
+        l_old = fused_velocity_target_mse(x, n, s, tau, v_old)
+    l = fused_velocity_target_mse(x, n, s, tau, v_sur)
     drift = (v_sur.float() - v_ref.float()).square().mean()
     pref = group_preference(
         l,
@@ -255,11 +253,11 @@ def generator_backward(
     x = mb.traj.xs[j]
     s, s_next = _full(float(mb.traj.s[j]), x), _full(float(mb.traj.s[j + 1]), x)
     v = roles.generator.velocity(x, s, mb.cond)
-    x_next, x0_hat = euler_step(x, v, s, s_next)
-    x_next = x_next.detach()
     s_next_val = float(mb.traj.s[j + 1])
     tau = _tau(mb, s_next_val, tdm, gen, x.device)
-    x_tau, _, _ = renoise(x_next, mb.shard.randn(tuple(x.shape[1:]), gen, x.device), s_next, tau)
+    # the rollout's sampler step, now with grad, re-noised to tau with fresh noise in the same pass
+    step = fused_sampler_step(x, v, s, s_next, noise=mb.shard.randn(tuple(x.shape[1:]), gen, x.device), tau=tau)
+    x0_hat, x_next, x_tau = step.x0_hat, step.x_next.detach(), step.x_tau.detach()
     tau2 = _tau(mb, max(s_next_val, tc.t_min_generator), tdm, gen, x.device)
     n2 = group_noise(mb.group_ids, mb.shard.groups, tuple(x.shape[1:]), gen).to(x.device)
     with torch.no_grad():
@@ -268,7 +266,7 @@ def generator_backward(
     x0 = lambda vel: x0_from_velocity(x_tau, tau, vel)  # noqa: E731
     rl_terms: dict[str, float] = {}
     if tc.generator_loss == "tdm_r1":
-        x_tau2, _, _ = renoise(x_next, n2, s_next, tau2)
+        x_tau2, _, _ = fused_renoise(x_next, n2, s_next, tau2)
         with torch.no_grad():
             sc, su = roles.surrogate.velocity_cfg(x_tau2, tau2, mb.cond)
             v_ref2 = roles.reference.velocity(x_tau2, tau2, mb.cond)
@@ -276,7 +274,7 @@ def generator_backward(
         x0b = lambda vel: x0_from_velocity(x_tau2, tau2, vel)  # noqa: E731
         t = generator_targets(x0_hat, x0(v_c), x0(v_u), x0(v_f), tdm.cfg, x0b(v_sur_cfg), x0b(v_ref2))
         weights = generator_term_weights(j, tdm.trunc_steps, tdm.w_tdm, with_reward=True)
-        per_sample, terms = revised_x0_loss(
+        per_sample, terms = fused_revised_x0_loss(
             x0_hat,
             t["target_kl"],
             t["target_cfg"],
@@ -284,13 +282,13 @@ def generator_backward(
             t["ref_real"],
             t["ref_reward"],
             weights,
-            tdm.normaliser_eps,
+            eps=tdm.normaliser_eps,
         )
         loss = per_sample.mean()
     else:  # direct_rl ablation: advantage-weighted denoising loss on the generator itself
         t = generator_targets(x0_hat, x0(v_c), x0(v_u), x0(v_f), tdm.cfg)
         w_kl, w_cfg, w_rl = generator_term_weights(j, tdm.trunc_steps, tdm.w_tdm, with_reward=True)
-        per_sample, terms = revised_x0_loss(
+        per_sample, terms = fused_revised_x0_loss(
             x0_hat,
             t["target_kl"],
             t["target_cfg"],
@@ -298,15 +296,14 @@ def generator_backward(
             t["ref_real"],
             None,
             (w_kl, w_cfg, 0.0),
-            tdm.normaliser_eps,
+            eps=tdm.normaliser_eps,
         )
         loss = per_sample.mean()
         if w_rl > 0:
             x_clean = mb.traj.xs[j + 1]  # the stored next state, re-noised with group noise like the surrogate's
-            x_tau2, a2, b2 = renoise(x_clean, n2, s_next, tau2)
-            l_gen = velocity_target_mse(
-                x_clean, n2, s_next, tau2, a2, b2, roles.generator.velocity(x_tau2, tau2, mb.cond)
-            )
+            x_tau2, _, _ = fused_renoise(x_clean, n2, s_next, tau2)
+            v_gen = roles.generator.velocity(x_tau2, tau2, mb.cond)
+            l_gen = fused_velocity_target_mse(x_clean, n2, s_next, tau2, v_gen)
             direct = (mb.adv * l_gen).mean()
             loss = loss + w_rl * direct
             rl_terms["gen_direct_rl"] = direct.item()

@@ -28,9 +28,8 @@ def _run_all():
     l = fused_velocity_target_mse(x, n, s_next, torch.tensor([0.9, 0.8, 0.7]), vl, backend="native")
     (g_l,) = torch.autograd.grad(l.sum(), vl)
     xl = leaf(x)
-    loss, terms = fused_revised_x0_loss(
-        xl, v, n, prev, v + 0.1, n + 0.1, torch.tensor([False, True, False]), backend="native"
-    )
+    weights = torch.tensor([[1.0, 0.3, 0.7], [0.3, 0.3, 0.0], [1.0, 0.3, 0.7]])
+    loss, terms = fused_revised_x0_loss(xl, v, n, prev, v + 0.1, n + 0.1, weights, backend="native")
     (g_x,) = torch.autograd.grad(loss.sum(), xl)
     return [step.x_next, step.x0_hat, step.x_tau, g_v, l, g_l, loss, terms, g_x]
 

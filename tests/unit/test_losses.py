@@ -1,17 +1,15 @@
-"""TDM losses against hand-computed tiny cases (values and gradients)."""
+"""TDM losses against hand-computed tiny cases (values and gradients), through the fused ops the trainers call."""
 
 import math
 
 import pytest
 import torch
 
-from kernels.reference import renoise_ref, revised_x0_loss_ref
+from kernels import fused_renoise, fused_revised_x0_loss
 from tdm_r1.losses import (
     fake_score_loss,
     generator_targets,
     generator_term_weights,
-    renoise,
-    revised_x0_loss,
     sample_tau,
     unshift_time,
     x0_from_velocity,
@@ -26,7 +24,7 @@ def t(*rows):
 
 def test_renoise_hand_case():
     # s = 0.5, tau = 0.75: a = 0.25 / 0.5 = 0.5, b = sqrt(0.75^2 - 0.25^2) = sqrt(0.5)
-    x_tau, a, b = renoise(t([2.0, -4.0]), t([1.0, 3.0]), torch.tensor([0.5]), torch.tensor([0.75]))
+    x_tau, a, b = fused_renoise(t([2.0, -4.0]), t([1.0, 3.0]), 0.5, 0.75)
     r = math.sqrt(0.5)
     assert a.tolist() == [0.5] and b.item() == pytest.approx(r)
     assert x_tau.flatten().tolist() == pytest.approx([1.0 + r, -2.0 + 3 * r])
@@ -36,16 +34,8 @@ def test_renoise_from_clean_sample_is_plain_noising():
     # s = 0: a = 1 - tau, b = tau, i.e. the forward process itself
     x, n = torch.randn(3, 1, 2, 5), torch.randn(3, 1, 2, 5)
     tau = torch.tensor([0.1, 0.5, 1.0])
-    x_tau, a, b = renoise(x, n, torch.zeros(3), tau)
+    x_tau, a, b = fused_renoise(x, n, torch.zeros(3), tau)
     assert torch.allclose(x_tau, (1 - tau.view(-1, 1, 1, 1)) * x + tau.view(-1, 1, 1, 1) * n)
-
-
-def test_renoise_matches_kernel_reference():
-    x, n = torch.randn(4, 1, 3, 7), torch.randn(4, 1, 3, 7)
-    s, tau = torch.tensor([0.0, 0.5, 0.75, 0.9]), torch.tensor([0.3, 0.6, 0.8, 1.0])
-    ours, a, b = renoise(x, n, s, tau)
-    ref, a_ref, b_ref = renoise_ref(x, n, s, tau)
-    assert torch.allclose(ours, ref, atol=1e-6) and torch.equal(a, a_ref) and torch.equal(b, b_ref)
 
 
 def test_sample_tau_range_and_margin():
@@ -90,6 +80,7 @@ def test_generator_term_weights():
     assert generator_term_weights(0, 4, 0.3, with_reward=True) == (1.0, 0.3, pytest.approx(0.7))
     assert generator_term_weights(2, 2, 0.3, with_reward=True) == (0.3, 0.3, 0.0)
     assert generator_term_weights(0, 4, 0.3, with_reward=False) == (0.3, 0.3, 0.0)
+    assert generator_term_weights(3, 2, 0.3, with_reward=False) == (0.3, 0.3, 0.0)
 
 
 def test_generator_targets_hand_case():
@@ -107,7 +98,7 @@ def test_generator_targets_hand_case():
 def test_revised_x0_loss_distill_hand_case():
     x0_hat = t([1.0, 3.0]).requires_grad_(True)
     # L_kl = mean((1-2)^2, 0) / mean(|1-0|, |3-1|) = 0.5 / 1.5; L_cfg = mean(0, (3-5)^2) / 1.5 = 2 / 1.5
-    loss, terms = revised_x0_loss(
+    loss, terms = fused_revised_x0_loss(
         x0_hat, t([2.0, 3.0]), t([1.0, 5.0]), None, t([0.0, 1.0]), None, (0.3, 0.3, 0.0), eps=0.0
     )
     assert terms[0].tolist() == pytest.approx([1 / 3, 4 / 3, 0.0])
@@ -120,7 +111,7 @@ def test_revised_x0_loss_distill_hand_case():
 def test_revised_x0_loss_reward_term_hand_case():
     x0_hat = t([1.0, 3.0]).requires_grad_(True)
     # reward: mean((1-0)^2, (3-3)^2) / mean(|1-2|, |3-3|) = 0.5 / 0.5 = 1
-    loss, terms = revised_x0_loss(
+    loss, terms = fused_revised_x0_loss(
         x0_hat, t([2.0, 3.0]), t([1.0, 5.0]), t([0.0, 3.0]), t([0.0, 1.0]), t([2.0, 3.0]), (1.0, 0.3, 0.7), eps=0.0
     )
     assert terms[0].tolist() == pytest.approx([1 / 3, 4 / 3, 1.0])
@@ -129,15 +120,33 @@ def test_revised_x0_loss_reward_term_hand_case():
 
 def test_revised_x0_loss_normaliser_has_no_gradient_and_eps():
     x0_hat = t([2.0, 2.0]).requires_grad_(True)
-    loss, _ = revised_x0_loss(x0_hat, t([2.0, 2.0]), t([2.0, 2.0]), None, t([2.0, 2.0]), None, (1, 1, 0), eps=1e-6)
+    loss, _ = fused_revised_x0_loss(
+        x0_hat, t([2.0, 2.0]), t([2.0, 2.0]), None, t([2.0, 2.0]), None, (1, 1, 0), eps=1e-6
+    )
     loss.sum().backward()  # x0_hat == ref: w = eps, finite, and the loss is exactly 0
     assert loss.item() == 0.0 and torch.equal(x0_hat.grad, torch.zeros_like(x0_hat))
 
 
-@pytest.mark.parametrize("trunc", [False, True])
-def test_revised_x0_loss_matches_kernel_reference_with_reward(trunc):
+@pytest.mark.parametrize(
+    "j, with_reward, design",
+    [
+        (0, True, "L_kl + w_tdm L_cfg + (1 - w_tdm) L_reward"),  # TDM-R1, j < trunc_steps
+        (2, True, "w_tdm (L_cfg + L_kl)"),  # TDM-R1, j >= trunc_steps
+        (0, False, "w_tdm (L_cfg + L_kl)"),  # distillation: w_tdm applies to CFG and KL only, at every step
+        (3, False, "w_tdm (L_cfg + L_kl)"),
+    ],
+)
+def test_generator_loss_gets_the_design_weights_through_the_fused_op(j, with_reward, design):
     g = torch.Generator().manual_seed(1)
-    x0_hat, *rest = (torch.randn(3, 1, 4, 6, generator=g) for _ in range(6))
-    ours, terms = revised_x0_loss(x0_hat, *rest, generator_term_weights(4 if trunc else 0, 4, 0.3, True), 1e-6)
-    ref, ref_terms = revised_x0_loss_ref(x0_hat, *rest, truncated=trunc, w_tdm=0.3)
-    assert torch.allclose(ours, ref, rtol=1e-6) and torch.allclose(terms, ref_terms, rtol=1e-6)
+    x0_hat, t_kl, t_cfg, t_rew, r_real, r_rew = (torch.randn(3, 1, 4, 6, generator=g) for _ in range(6))
+    if not with_reward:
+        t_rew = r_rew = None
+    weights = generator_term_weights(j, 2, 0.3, with_reward)
+    loss, terms = fused_revised_x0_loss(x0_hat, t_kl, t_cfg, t_rew, r_real, r_rew, weights, eps=1e-6)
+    l_kl, l_cfg, l_rew = terms.unbind(1)
+    expected = {
+        "L_kl + w_tdm L_cfg + (1 - w_tdm) L_reward": l_kl + 0.3 * l_cfg + 0.7 * l_rew,
+        "w_tdm (L_cfg + L_kl)": 0.3 * (l_cfg + l_kl),
+    }[design]
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    assert (l_rew > 0).all() == with_reward  # the reward term exists exactly when it is on

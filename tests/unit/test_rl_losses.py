@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
+from kernels import fused_renoise, fused_velocity_target_mse
 from tdm_r1.advantages import group_advantages
-from tdm_r1.losses import group_preference, renoise, surrogate_loss, surrogate_velocity_target, velocity_target_mse
+from tdm_r1.losses import group_preference, surrogate_loss
 
 
 def test_group_advantages_hand_case():
@@ -36,25 +37,27 @@ def test_group_means_exclude_failed_samples():
 
 
 def test_velocity_target_reduces_to_eps_minus_x0_at_s0():
-    x0, n = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    x0, n, v = torch.randn(3, 2, 4), torch.randn(3, 2, 4), torch.randn(3, 2, 4)
     s, tau = torch.zeros(3), torch.tensor([0.3, 0.6, 0.9])
-    x_tau, a, b = renoise(x0, n, s, tau)
+    x_tau, a, b = fused_renoise(x0, n, s, tau)
     assert torch.allclose(x_tau, (1 - tau.view(3, 1, 1)) * x0 + tau.view(3, 1, 1) * n)
-    assert torch.allclose(surrogate_velocity_target(x0, n, s, tau, a, b), n - x0, atol=1e-6)
+    # v* = n - x0: the loss of v_pred = n - x0 is 0, and of any other v_pred the plain mean squared error
+    assert torch.allclose(fused_velocity_target_mse(x0, n, s, tau, n - x0), torch.zeros(3), atol=1e-12)
+    expected = (n - x0 - v).square().flatten(1).mean(1)
+    assert torch.allclose(fused_velocity_target_mse(x0, n, s, tau, v), expected, rtol=1e-6)
 
 
 def test_velocity_target_hand_case_at_positive_s():
-    x, n = torch.tensor([[2.0]]), torch.tensor([[1.0]])
+    x, n = torch.tensor([[2.0, -1.0]]), torch.tensor([[1.0, 0.5]])
     s, tau = torch.tensor([0.5]), torch.tensor([0.8])
     a = 0.2 / 0.5
     b = math.sqrt(0.64 - (a * 0.5) ** 2)
-    expected = -2.0 / 0.5 + (1.0 / b) * (0.8 + 0.25 * a / 0.5)
-    got = surrogate_velocity_target(x, n, s, tau, torch.tensor([a]), torch.tensor([b]))
-    assert got.item() == pytest.approx(expected, rel=1e-6)
-    v_pred = torch.tensor([[1.5]])
-    assert velocity_target_mse(x, n, s, tau, torch.tensor([a]), torch.tensor([b]), v_pred).item() == pytest.approx(
-        (expected - 1.5) ** 2, rel=1e-6
-    )
+    v_star = [-xi / 0.5 + (ni / b) * (0.8 + 0.25 * a / 0.5) for xi, ni in ((2.0, 1.0), (-1.0, 0.5))]
+    v_pred = torch.tensor([[1.5, -0.25]], requires_grad=True)
+    l = fused_velocity_target_mse(x, n, s, tau, v_pred)
+    assert l.item() == pytest.approx(((v_star[0] - 1.5) ** 2 + (v_star[1] + 0.25) ** 2) / 2, rel=1e-6)
+    l.backward()  # d/dv mean((v* - v)^2) = (v - v*) (2 elements)
+    assert v_pred.grad.flatten().tolist() == pytest.approx([1.5 - v_star[0], -0.25 - v_star[1]], rel=1e-6)
 
 
 def _pref(l, l_ref, l_old, adv, gid, drift=0.0, G=2, beta=10.0, clip=0.1):

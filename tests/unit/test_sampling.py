@@ -1,8 +1,11 @@
+import math
+
 import pytest
 import torch
 
+from kernels import fused_sampler_step
 from tdm_r1.models.base import Cond
-from tdm_r1.sampling import euler_step, rollout, schedule, shift_time
+from tdm_r1.sampling import eta_ray_point, rollout, schedule, shift_time
 
 
 class GaussianFlow:
@@ -37,7 +40,7 @@ def test_schedule_matches_design_points():
 def test_euler_step_closed_form():
     x, v = torch.randn(3, 2, 5), torch.randn(3, 2, 5)
     s, s_next = torch.tensor([1.0, 0.6, 0.3]), torch.tensor([0.9, 0.5, 0.0])
-    x_next, x0_hat = euler_step(x, v, s, s_next)
+    x_next, x0_hat, *_ = fused_sampler_step(x, v, s, s_next)
     for i in range(3):
         assert torch.allclose(x_next[i], x[i] - (s[i] - s_next[i]) * v[i])
         assert torch.allclose(x0_hat[i], x[i] - s[i] * v[i])
@@ -89,6 +92,51 @@ def test_samplers_converge_to_the_exact_ode_endpoint_at_their_order():
     assert 0.4 < euler[1] / euler[0] < 0.6 and 0.4 < euler[2] / euler[1] < 0.6
     assert dpm[1] / dpm[0] < 0.3
     assert dpm[1] < 0.2 * euler[2]
+
+
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+def test_eta_step_is_the_renoised_ddim_step(eta):
+    # x_next = (1 - s') x0_hat + s' (sqrt(1 - eta^2) eps_hat + eta n), eps_hat = x + (1 - s) v, fresh n per step
+    # (none at the last step); float64 so the check is tight.
+    model = GaussianFlow(0.5, 0.3)
+    noise = torch.randn(8, 4, dtype=torch.float64)
+    traj = rollout(model, empty_cond(8), noise, eta=eta, generator=torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    for k in range(4):
+        x, v, s, s_next = traj.xs[k], traj.v[k], float(traj.s[k]), float(traj.s[k + 1])
+        x0_hat, eps_hat = x - s * v, x + (1 - s) * v
+        if s_next > 0:
+            n = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+            expected = (1 - s_next) * x0_hat + s_next * (math.sqrt(1 - eta**2) * eps_hat + eta * n)
+        else:
+            expected = x0_hat
+        assert torch.allclose(traj.xs[k + 1], expected, rtol=0, atol=1e-12), k
+    assert eta_ray_point(0.5, 0.0) == 0.5 and eta_ray_point(0.5, 1.0) == 0.0
+
+
+def test_dpmpp2m_step_is_the_textbook_update():
+    # DPM-Solver++(2M), data prediction, alpha = 1 - s, sigma = s, lambda = log(alpha / sigma):
+    # x_next = (s'/s) x - (1 - s') (e^{-h} - 1) D = (s'/s) x + (1 - s'/s) D, D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev,
+    # h = lambda' - lambda, r = (lambda - lambda_prev) / h; first order (D = x0) without history (s_prev = 1)
+    # and at s' = 0.
+    model = GaussianFlow(0.5, 0.3)
+    noise = torch.randn(8, 4, dtype=torch.float64)
+    traj = rollout(model, empty_cond(8), noise, steps=6, shift=3.0, solver="dpmpp2m")
+    s = traj.s.double()
+    lam = lambda u: math.log((1 - u) / u)  # noqa: E731
+    for k in range(6):
+        x, v = traj.xs[k], traj.v[k]
+        x0 = x - s[k] * v
+        if s[k + 1] == 0:
+            assert torch.allclose(traj.xs[k + 1], x0, rtol=0, atol=1e-12)
+            continue
+        d = x0
+        if k > 0 and s[k - 1] < 1:
+            r = (lam(s[k]) - lam(s[k - 1])) / (lam(s[k + 1]) - lam(s[k]))
+            x0_prev = traj.xs[k - 1] - s[k - 1] * traj.v[k - 1]
+            d = (1 + 1 / (2 * r)) * x0 - x0_prev / (2 * r)
+        expected = (s[k + 1] / s[k]) * x + (1 - s[k + 1] / s[k]) * d
+        assert torch.allclose(traj.xs[k + 1], expected, rtol=0, atol=1e-12), k
 
 
 def test_eta_zero_is_deterministic_and_eta_one_is_seeded():

@@ -1,0 +1,125 @@
+"""Rollout (no grad) and training (grad) run the same fused sampler step (DESIGN section 6), so the generator's step
+inside the training losses reproduces the rollout's stored next state bit for bit, for `tdm-r1 train` and
+`tdm-r1 distill`, on the backend a run picks by itself (native when `make native` built it) and on the reference.
+
+The training step is observed where the trainer calls `fused_sampler_step`: its x_next is recomputed from the
+generator's output with grad, not read from the trajectory, so equality is a property of the kernels, not a copy.
+"""
+
+import pytest
+import torch
+
+from kernels import dispatch
+from tdm_r1 import checkpoint as ckpt
+from tdm_r1 import distill, trainer
+from tdm_r1.config import load_config
+from tdm_r1.models.tiny_dit import build_tiny_dit
+from tdm_r1.rewards import build_reward
+from tdm_r1.roles import build_roles
+from tdm_r1.worlds.ocr import build_world
+
+TINY = ["model.dim=32", "model.depth=1", "model.heads=2", "model.text_layers=1", "threads=1"]
+RUN = [
+    "train.prompts_per_epoch=2",
+    "train.group_size=3",
+    "train.micro_batch_groups=1",
+    "train.rewards=[{name: dark_fraction, weight: 1.0}]",
+    "distill.batch_size=3",
+]
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    cfg = load_config(None, TINY)
+    torch.manual_seed(0)
+    m = build_tiny_dit(cfg.model, cfg.world)
+    with torch.no_grad():
+        for p in m.parameters():  # a random "trained" teacher: the zero-initialised output layer is perturbed too
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    ckpt.save_model(path, m.state_dict(), cfg.model, cfg.world)
+    return path
+
+
+@pytest.fixture(params=["dispatch", "reference"])
+def backend(request, monkeypatch):
+    """The CPU backend the run chooses by itself, and the reference forced through TDM_R1_KERNELS."""
+    if request.param == "reference":
+        monkeypatch.setenv(dispatch.ENV_BACKEND, "reference")
+    else:
+        monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
+    dispatch.reset()
+    yield dispatch.resolve_backend(torch.device("cpu"))
+    dispatch.reset()
+
+
+class StepSpy:
+    """Wraps fused_sampler_step and records (x, v, grad enabled, result) of every call."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, x, v, *args, **kwargs):
+        out = self.fn(x, v, *args, **kwargs)
+        self.calls.append((x, v, torch.is_grad_enabled(), out))
+        return out
+
+
+def _check_step(call, traj, j, grad: bool) -> int:
+    """Assert the recorded step at index j reproduces traj.xs[j + 1] bitwise; return how many elements of the
+    same Euler step evaluated in another (mathematically equal) order differ from it."""
+    x, v, grad_enabled, step = call
+    assert torch.equal(x, traj.xs[j])
+    assert torch.equal(v.detach(), traj.v[j]), "the generator's output with grad differs from the rollout's"
+    assert grad_enabled == grad and v.requires_grad == grad and step.x0_hat.requires_grad == grad
+    assert not torch.equal(step.x_next, x)  # the state moved
+    assert torch.equal(step.x_next.detach(), traj.xs[j + 1]), f"step {j}: x_next differs from the stored state"
+    s_next = float(traj.s[j + 1])
+    if s_next == 0.0:
+        return 0
+    reordered = step.x0_hat.detach() + s_next * v.detach()  # x - (s - s') v = x0_hat + s' v, rounded differently
+    return int((reordered != traj.xs[j + 1]).sum())
+
+
+def test_train_generator_step_with_grad_reproduces_the_rollout(backend, teacher_path, tmp_path, monkeypatch):
+    cfg = load_config(None, [*TINY, *RUN, f"roles.teacher={teacher_path}", f"run_dir={tmp_path}"])
+    roles = build_roles(cfg.roles, ckpt.load_model(teacher_path)[0], surrogate=True, fake=True)
+    world = build_world(cfg.world)
+    scorer = trainer.RewardScorer([(build_reward("dark_fraction"), 1.0)])
+    gen = torch.Generator().manual_seed(0)
+    batch = trainer.rollout_phase(roles, world, distill.PromptStream(world.train_words, 0), scorer, cfg.train,
+                                  cfg.tdm, gen)  # fmt: skip
+    scorer.close()
+    trainer.advantage_phase(batch, cfg.train)
+    spy = StepSpy(trainer.fused_sampler_step)
+    monkeypatch.setattr(trainer, "fused_sampler_step", spy)
+    reordered_differ = 0
+    for mb in trainer.micro_batches(batch):
+        for j in range(cfg.tdm.steps):
+            spy.calls.clear()
+            trainer.generator_backward(roles, mb, j, cfg.train, cfg.tdm, gen, 1.0)
+            assert len(spy.calls) == 1
+            reordered_differ += _check_step(spy.calls[0], mb.traj, j, grad=True)
+    # bitwise equality is not automatic: the same step in another order of operations rounds differently
+    assert reordered_differ > 0
+    grads = [p.grad for p in roles.trainable()["generator"]]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_distill_generator_and_fake_steps_reproduce_the_rollout(backend, teacher_path, tmp_path, monkeypatch):
+    cfg = load_config(None, [*TINY, *RUN, f"roles.teacher={teacher_path}", f"run_dir={tmp_path}"])
+    roles = build_roles(cfg.roles, ckpt.load_model(teacher_path)[0], surrogate=False)
+    world = build_world(cfg.world)
+    gen = torch.Generator().manual_seed(0)
+    cond, traj = distill._rollout(roles, world, distill.PromptStream(world.train_words, 0), 3, cfg.tdm, gen)
+    spy = StepSpy(distill.fused_sampler_step)
+    monkeypatch.setattr(distill, "fused_sampler_step", spy)
+    reordered_differ = 0
+    for j in range(cfg.tdm.steps):
+        spy.calls.clear()
+        distill.generator_backward(roles, cond, traj, j, cfg.tdm, gen, 1.0)
+        distill.fake_score_backward(roles.fake, roles.reference, cond, traj, j, cfg.tdm, gen, 1.0)
+        assert len(spy.calls) == 2
+        reordered_differ += _check_step(spy.calls[0], traj, j, grad=True)
+        _check_step(spy.calls[1], traj, j, grad=False)  # the fake score's step from the stored output
+    assert reordered_differ > 0
