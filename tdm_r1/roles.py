@@ -216,6 +216,7 @@ def _build_lora(
     names: list[str],
     generator_adapter: dict[str, Tensor] | None,
     place: Placement,
+    fake_adapter: dict[str, Tensor] | None = None,
 ) -> Roles:
     from peft import get_peft_model
 
@@ -230,6 +231,10 @@ def _build_lora(
     roles = {n: Role(n, n in TRAINABLE, host=host, adapter=n) for n in names}
     if generator_adapter is not None:
         _load_adapter(host, "generator", generator_adapter)
+    if fake_adapter is not None:
+        if "fake" not in roles:
+            raise ValueError("fake_init given but this run has no fake score")
+        _load_adapter(host, "fake", fake_adapter)
     with torch.no_grad():
         for shadow, src in SHADOWS.items():  # shadows start equal to their source
             if shadow in roles:
@@ -245,18 +250,26 @@ def _load_adapter(host: _AdapterHost, adapter: str, tensors: dict[str, Tensor]) 
     named = {k.replace(f".{adapter}.", "."): p for k, p in host.model.named_parameters() if f".{adapter}." in k}
     if set(named) != set(tensors):
         diff = sorted(set(named) ^ set(tensors))
-        raise KeyError(f"generator adapter does not match roles.lora_* (rank/targets); differing keys: {diff[:4]}")
+        raise KeyError(f"{adapter} adapter does not match roles.lora_* (rank/targets); differing keys: {diff[:4]}")
     for k, p in named.items():
         p.copy_(tensors[k])
 
 
 def _build_full(
-    cfg: RolesConfig, teacher: nn.Module, names: list[str], generator: nn.Module | None, place: Placement
+    cfg: RolesConfig,
+    teacher: nn.Module,
+    names: list[str],
+    generator: nn.Module | None,
+    place: Placement,
+    fake: nn.Module | None = None,
 ) -> Roles:
+    if fake is not None and "fake" not in names:
+        raise ValueError("fake_init given but this run has no fake score")
     roles: dict[str, Role] = {}
     for n in names:
         # a shadow starts equal to its source role: a copy of the same model
         src = generator if n in ("generator", "generator_ema") and generator is not None else teacher
+        src = fake if n == "fake" and fake is not None else src
         m = place(copy.deepcopy(src).eval().requires_grad_(n in TRAINABLE))
         roles[n] = Role(n, n in TRAINABLE, module=m)
     reference = place(copy.deepcopy(teacher).eval().requires_grad_(False))
@@ -271,11 +284,13 @@ def build_roles(
     fake: bool = True,
     generator_init: nn.Module | dict[str, Tensor] | None = None,
     place: Placement | None = None,
+    fake_init: nn.Module | dict[str, Tensor] | None = None,
 ) -> Roles:
     """Wire the roles around a teacher model.
 
     generator_init: full mode, a model with the few-step generator's weights; lora mode, the generator
-    adapter tensors (`Roles.adapter_tensors`). None starts the generator at the teacher. `surrogate`
+    adapter tensors (`Roles.adapter_tensors`). None starts the generator at the teacher. `fake_init`: the same
+    for the fake score (None = the teacher). `surrogate`
     adds the surrogate and its slow copy (TDM-R1); `fake` the fake score (both TDM and TDM-R1).
     `place` is applied to each module as soon as it is built (ZeRO-3 partitions it there: Dist.place).
     The teacher itself is never modified.
@@ -287,11 +302,12 @@ def build_roles(
         + (["surrogate", "slow_surrogate"] if surrogate else [])
     )
     if cfg.mode == "lora":
-        if isinstance(generator_init, nn.Module):
-            raise TypeError("roles.mode=lora starts the generator from adapter tensors, not a model")
-        return _build_lora(cfg, teacher, names, generator_init, place)
+        if isinstance(generator_init, nn.Module) or isinstance(fake_init, nn.Module):
+            raise TypeError("roles.mode=lora starts the generator / fake from adapter tensors, not a model")
+        return _build_lora(cfg, teacher, names, generator_init, place, fake_init)
     if cfg.mode == "full":
-        if generator_init is not None and not isinstance(generator_init, nn.Module):
-            raise TypeError("roles.mode=full starts the generator from a model, not adapter tensors")
-        return _build_full(cfg, teacher, names, generator_init, place)
+        for init in (generator_init, fake_init):
+            if init is not None and not isinstance(init, nn.Module):
+                raise TypeError("roles.mode=full starts the generator / fake from a model, not adapter tensors")
+        return _build_full(cfg, teacher, names, generator_init, place, fake_init)
     raise ValueError(f"unknown roles.mode {cfg.mode!r}")

@@ -127,3 +127,29 @@ def test_full_generator_starts_from_given_model(teacher, inputs):
     assert torch.allclose(roles.fake.velocity(*inputs), teacher.velocity(*inputs))
     with pytest.raises(TypeError):
         build_roles(RolesConfig(mode="lora"), teacher, generator_init=student)
+
+
+def test_lora_fake_starts_from_saved_adapter(teacher, inputs, tmp_path):
+    """roles.fake_init: the distillation run's fake adapter seeds TDM-R1's fake score; nothing else moves."""
+    cfg = Config(model=MODEL, world=WORLD)
+    a = build_roles(cfg.roles, teacher, surrogate=False)
+    _perturb(a.fake.parameters())
+    save_adapter(tmp_path / "fake.safetensors", a.adapter_tensors("fake"), cfg)
+    fake = read_adapter(tmp_path / "fake.safetensors", cfg.roles)
+    b = build_roles(cfg.roles, teacher, fake_init=fake)
+    v_t = teacher.velocity(*inputs)
+    assert torch.equal(b.fake.velocity(*inputs), a.fake.velocity(*inputs))
+    assert not torch.allclose(b.fake.velocity(*inputs), v_t, atol=1e-3)
+    for name in ("generator", "generator_ema", "surrogate", "slow_surrogate", "reference"):
+        assert torch.allclose(getattr(b, name).velocity(*inputs), v_t, atol=1e-6), name
+    with pytest.raises(ValueError, match="no fake score"):
+        build_roles(cfg.roles, teacher, fake=False, fake_init=fake)
+
+
+def test_full_fake_starts_from_given_model(teacher, inputs):
+    other = build_tiny_dit(MODEL, WORLD).eval()
+    roles = build_roles(RolesConfig(mode="full"), teacher, fake_init=other)
+    assert torch.equal(roles.fake.velocity(*inputs), other.velocity(*inputs))
+    assert torch.allclose(roles.generator.velocity(*inputs), teacher.velocity(*inputs))
+    with pytest.raises(TypeError):
+        build_roles(RolesConfig(mode="full"), teacher, fake_init={"w": torch.zeros(1)})
