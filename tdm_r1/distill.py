@@ -337,8 +337,9 @@ def load_teacher(cfg: Config):
     return model.requires_grad_(False)
 
 
-def load_generator_init(cfg: Config):
-    path = cfg.roles.generator_init
+def load_generator_init(cfg: Config, field: str = "generator_init"):
+    """roles.generator_init (or roles.fake_init): adapter tensors in lora mode, a model in full mode, None."""
+    path = getattr(cfg.roles, field)
     if path is None:
         return None
     if cfg.roles.mode == "full":
@@ -366,8 +367,12 @@ def export_student(cfg: Config, roles: Roles, step: int, minutes: float) -> Path
     info |= {"teacher": cfg.roles.teacher, "roles_mode": cfg.roles.mode}
     out = run / "student.safetensors"
     ckpt.save_model(out, roles.export("generator_ema"), cfg.model, cfg.world, **info)
+    fake_info = info | {"kind": "student_fake"}  # the fake score, for TDM-R1's roles.fake_init
     if cfg.roles.mode == "lora":
         ckpt.save_adapter(run / "student_adapter.safetensors", roles.adapter_tensors("generator_ema"), cfg, **info)
+        ckpt.save_adapter(run / "student_fake_adapter.safetensors", roles.adapter_tensors("fake"), cfg, **fake_info)
+    else:
+        ckpt.save_model(run / "student_fake.safetensors", roles.export("fake"), cfg.model, cfg.world, **fake_info)
     return out
 
 

@@ -90,6 +90,9 @@ def test_student_is_a_model_checkpoint_of_the_ema_generator(teacher_path, tmp_pa
     student, world_cfg, info = ckpt.load_model(tmp_path / "student.safetensors")
     assert info["kind"] == "student" and info["nfe"] == 4 and info["step"] == 2
     assert ckpt.read_adapter(tmp_path / "student_adapter.safetensors", load_config(None).roles)
+    fake = ckpt.read_adapter(tmp_path / "student_fake_adapter.safetensors", load_config(None).roles)
+    assert fake.keys() == ckpt.read_adapter(tmp_path / "student_adapter.safetensors", load_config(None).roles).keys()
+    assert any(t.abs().sum() > 0 for k, t in fake.items() if "lora_B" in k)  # the trained fake, not a fresh adapter
     teacher = ckpt.load_model(teacher_path)[0]
     x, s = torch.randn(2, 1, 16, 64), torch.tensor([1.0, 0.5])
     cond = teacher.encode_prompts(["a", "b"])
