@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from kernels import dispatch, fused_renoise
+from kernels import dispatch, fused_renoise, fused_sampler_step
 
 
 @pytest.fixture(autouse=True)
@@ -55,3 +55,24 @@ def test_unusable_choices_are_errors(monkeypatch):
         dispatch.resolve_backend(torch.device("cpu"), "triton")
     with pytest.raises(ValueError, match="unknown kernel backend"):
         dispatch.resolve_backend(torch.device("cpu"), "fast")
+
+
+def test_float64_takes_the_float64_reference(native_lib, caplog):
+    """No fused kernel computes in float64: float64 inputs run the reference (logged once), and the sampler step
+    and re-noising keep float64 precision (exact samplers for numerical checks)."""
+    with caplog.at_level(logging.INFO, logger="kernels"):
+        assert dispatch.resolve_backend(torch.device("cpu"), dtype=torch.float64) == "reference"
+        assert dispatch.resolve_backend(torch.device("cpu"), dtype=torch.float64) == "reference"
+        assert dispatch.resolve_backend(torch.device("cpu"), dtype=torch.float32) == "native"
+    assert sum("float64" in r.getMessage() for r in caplog.records) == 1
+    x, v, n = (torch.randn(3, 7, dtype=torch.float64) for _ in range(3))
+    s, s_next, tau = 0.7, 0.3, 0.45
+    step = fused_sampler_step(x, v, s, s_next, noise=n, tau=tau)
+    a = (1 - tau) / (1 - s_next)
+    b = (tau**2 - (a * s_next) ** 2) ** 0.5
+    x_next = x - (s - s_next) * v
+    assert torch.allclose(step.x_next, x_next, rtol=0, atol=1e-15)
+    assert torch.allclose(step.x_tau, a * x_next + b * n, rtol=0, atol=1e-15)
+    assert step.a.dtype == torch.float64 and torch.allclose(step.a, torch.full((3,), a, dtype=torch.float64))
+    x_tau, _, _ = fused_renoise(x, n, s_next, tau)
+    assert torch.allclose(x_tau, a * x + b * n, rtol=0, atol=1e-15)
