@@ -61,17 +61,26 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if distributed.launched_world_size() > 1:
         raise ConfigError("distill runs in one process; `deepspeed` / `torchrun` launches are for `train`")
     cfg = _config_from_teacher(args)
+    if cfg.model.kind != "tiny_dit":
+        raise ConfigError(
+            f"distill runs on the toy model only (model.kind tiny_dit), not {cfg.model.kind}; `train` takes diffusers "
+            "models, starting the generator from the folder itself or from roles.generator_init"
+        )
     _setup_threads(cfg)
     distill(cfg, resume=args.resume)
     return 0
 
 
 def _config_from_teacher(args: argparse.Namespace) -> Config:
-    """The teacher checkpoint's model and world are the defaults; the YAML and --set override them."""
+    """The teacher checkpoint's model and world are the defaults; the YAML and --set override them. A diffusers model
+    (model.kind sd3 / zimage) has no teacher checkpoint: its config is the YAML and --set alone."""
+    from tdm_r1.build import is_diffusers
     from tdm_r1.checkpoint import read_model
     from tdm_r1.config import to_dict
 
     first = load_config(args.config, args.overrides)
+    if is_diffusers(first):
+        return first
     _, model_cfg, world_cfg, _ = read_model(first.roles.teacher)
     return load_config(args.config, args.overrides, base={"model": to_dict(model_cfg), "world": to_dict(world_cfg)})
 
@@ -88,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from tdm_r1.consolidate import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.role, args.out)
+    out = export_checkpoint(args.checkpoint, args.role, args.out, lora=args.lora)
     print(f"export: wrote {args.role} of {args.checkpoint} to {out}")
     return 0
 
@@ -212,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="TDM-R1: improve a few-step generator with a non-differentiable reward",
         description="The TDM-R1 epoch: grouped rollouts, rewards, group advantages, then fake score, surrogate "
         "reward (group preference) and generator updates. Writes config.yaml, metrics.jsonl, tensorboard/, "
-        "training-state checkpoints, generator.safetensors (EMA generator, loadable by `tdm-r1 eval`), "
-        "summary.json, report.md, reward_curve.png and same-seed sample grids into run_dir.",
+        "training-state checkpoints, generator.safetensors (EMA generator, loadable by `tdm-r1 eval`; for a "
+        "diffusers model pipeline/, a diffusers folder), summary.json, report.md, reward_curve.png and same-seed "
+        "sample grids into run_dir.",
     )
     _add_config_args(p, required=True)
     _add_resume_arg(p)
@@ -223,10 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="one role of a training state (single-process or distributed) as a model checkpoint",
+        help="one role of a training state (single-process or distributed) as a model checkpoint or diffusers folder",
         description="Consolidate a role of a training-state checkpoint into a model checkpoint loadable by "
         "`tdm-r1 eval`: the ranks' ZeRO-3 partitions of a distributed state are stitched together (no launcher "
-        "needed); in lora mode the role's adapter is merged into the teacher.",
+        "needed); in lora mode the role's adapter is merged into the teacher. For a diffusers model (model.kind sd3 / "
+        "zimage) the output is a diffusers pipeline folder that DiffusionPipeline.from_pretrained loads; its "
+        "tdm_r1_export.json holds the pipeline call of the few-step sampler.",
     )
     p.add_argument(
         "--checkpoint",
@@ -234,7 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="state_*.safetensors, a distributed state_*.shards directory, or a run directory (its newest state)",
     )
     p.add_argument("--role", choices=ROLES, default="generator_ema", help="default: the EMA generator")
-    p.add_argument("--out", required=True, help="output model checkpoint (.safetensors)")
+    p.add_argument(
+        "--out", required=True, help="output model checkpoint (.safetensors), or folder for a diffusers model"
+    )
+    p.add_argument(
+        "--lora",
+        choices=["merge", "adapter"],
+        default="merge",
+        help="diffusers models in lora mode: merge the adapter into the transformer (default), or keep it as "
+        "pytorch_lora_weights.safetensors for pipe.load_lora_weights",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(

@@ -203,6 +203,24 @@ class DiffusersConfig:
 class RewardTermConfig:
     name: str = "ocr"  # a registered reward (tdm_r1.rewards)
     weight: float = 1.0
+    # Local weights of a model-based reward (pickscore: a CLIP folder; geneval: a folder with the detector and CLIP
+    # files, see tdm_r1/rewards/geneval.py). Loaded offline; a missing path is an error naming it.
+    path: str = ""
+    device: str = "auto"  # where a model-based reward runs: auto (this rank's CUDA device, else CPU), cpu, cuda
+    batch_size: int = 32  # images per forward of a model-based reward
+
+
+@dataclass
+class PromptsConfig:
+    """Prompt files of diffusers models (model.kind sd3 / zimage; the toy world has its own word lists).
+
+    A `.txt` file holds one prompt per line (UTF-8, no empty lines). A `.jsonl` file holds one JSON object per line
+    with a "prompt" string; the object is passed to the rewards as that prompt's metadata (e.g. GenEval's `include`
+    / `exclude` clauses). Relative paths resolve against the working directory."""
+
+    train: str = ""
+    heldout: str = ""
+    heldout_limit: int = 0  # held-out prompts evaluated (the file's first N); 0 = all of them
 
 
 @dataclass
@@ -288,6 +306,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     diffusers: DiffusersConfig = field(default_factory=DiffusersConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 

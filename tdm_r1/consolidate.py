@@ -40,6 +40,17 @@ def role_weights(roles: Roles, role: str, teacher: nn.Module, roles_cfg: RolesCo
     return _merged(roles_cfg, teacher, adapter)
 
 
+def role_tensors(roles: Roles, role: str) -> dict[str, Tensor]:
+    """The tensors that define one role, on every rank: lora mode its adapter tensors (keys without the adapter
+    name), full mode its module's weights. Collective when partitioned (gathered one role at a time)."""
+    from tdm_r1.distributed import gathered
+
+    if roles.mode == "full":
+        return role_weights(roles, role, None, None)
+    with gathered(getattr(roles, role).parameters()):
+        return roles.adapter_tensors(role)
+
+
 def read_role_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     """Every role tensor (`<role>/<name>`, whole) of a training state, and its info."""
     path = Path(path)
@@ -49,8 +60,9 @@ def read_role_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     return state["roles"], info
 
 
-def export_checkpoint(path: str | Path, role: str, out: str | Path) -> Path:
-    """Write `role` of the training state at `path` (a run directory: its newest state) as a model checkpoint."""
+def export_checkpoint(path: str | Path, role: str, out: str | Path, lora: str = "merge") -> Path:
+    """Write `role` of the training state at `path` (a run directory: its newest state) as a model checkpoint, or for
+    a diffusers model (model.kind sd3 / zimage) as a diffusers pipeline folder (`export_pipeline`)."""
     from tdm_r1.distill import file_sha256, load_teacher
 
     path = Path(path)
@@ -66,6 +78,8 @@ def export_checkpoint(path: str | Path, role: str, out: str | Path) -> Path:
     if not own:
         have = sorted({k.split("/")[0] for k in tensors})
         raise ckpt.CheckpointError(f"{path} has no role {role!r}; it has {', '.join(have)}")
+    if cfg.model.kind in ("sd3", "zimage"):
+        return export_pipeline(cfg, info, path, role, own, out, lora)
     if cfg.roles.mode == "full":
         weights = own
     else:
@@ -78,3 +92,35 @@ def export_checkpoint(path: str | Path, role: str, out: str | Path) -> Path:
     meta |= {"nfe": cfg.tdm.steps, "shift": cfg.tdm.shift, "teacher": cfg.roles.teacher, "roles_mode": cfg.roles.mode}
     ckpt.save_model(out, weights, cfg.model, cfg.world, **meta)
     return Path(out)
+
+
+def export_pipeline(
+    cfg: Config, info: dict, path: Path, role: str, own: dict[str, Tensor], out: str | Path, lora: str = "merge"
+) -> Path:
+    """A role of a diffusers run as a standalone diffusers pipeline folder: the run's source folder (diffusers.path,
+    which must be the one it was trained against) with the role's transformer; in lora mode the adapter merged into
+    it (lora="merge") or kept beside it as pytorch_lora_weights.safetensors (lora="adapter")."""
+    from tdm_r1.build import folder_fingerprint
+    from tdm_r1.models.diffusers_common import load_diffusers_model
+    from tdm_r1.models.export import export_diffusers_pipeline
+
+    if lora not in ("merge", "adapter"):
+        raise ValueError(f"lora must be 'merge' or 'adapter', got {lora!r}")
+    if folder_fingerprint(cfg.diffusers.path) != info.get("teacher_sha256"):
+        raise ckpt.CheckpointError(
+            f"{path} was trained against another model than the one now at diffusers.path={cfg.diffusers.path!r}"
+        )
+    model = load_diffusers_model(cfg.model, cfg.diffusers)
+    if cfg.roles.mode == "lora":
+        tensors = {k.replace(f".{role}.", "."): v for k, v in own.items()}
+    else:  # role tensors are parameters only: buffers come from the source transformer
+        tensors = {k: v.detach() for k, v in model.state_dict().items()} | own
+    return export_diffusers_pipeline(
+        model,
+        tensors,
+        out,
+        merge_lora=lora == "merge",
+        lora_alpha=cfg.roles.lora_alpha,
+        steps=cfg.tdm.steps,
+        shift=cfg.tdm.shift,
+    )

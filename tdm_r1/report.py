@@ -61,12 +61,14 @@ def plot_curves(metrics: list[dict], path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ep = [m["epoch"] for m in metrics]
     ax.plot(ep, [m["reward_mean"] for m in metrics], label="train reward (rollouts)", lw=1)
-    ev = [(m["epoch"], m["heldout_ocr_mean"]) for m in metrics if "heldout_ocr_mean" in m]
+    metric = "ocr" if any("heldout_ocr_mean" in m for m in metrics) else "reward"
+    ev = [(m["epoch"], m[f"heldout_{metric}_mean"]) for m in metrics if f"heldout_{metric}_mean" in m]
     if ev:
-        ax.plot(*zip(*ev), "o-", label="held-out OCR (EMA, 4 NFE)")
+        ax.plot(*zip(*ev), "o-", label=f"held-out {metric.upper() if metric == 'ocr' else metric} (EMA, 4 NFE)")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("OCR score")
-    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("OCR score" if metric == "ocr" else "reward")
+    if metric == "ocr":
+        ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -75,21 +77,26 @@ def plot_curves(metrics: list[dict], path: str | Path) -> None:
 
 
 def report_markdown(summary: dict, ablations: dict[str, dict] | None = None, title: str = "TDM-R1 run") -> str:
+    # toy world: OCR of held-out words; diffusers models: the configured reward on held-out prompts
+    m = "ocr" if "ocr_mean" in summary.get("tdm_r1_4nfe", {"ocr_mean": 0}) else "reward"
+    what = (
+        "words, one sample per word, OCR (rapidocr) score" if m == "ocr" else "prompts, one sample per prompt, reward"
+    )
     lines = [
         f"# {title}",
         "",
-        "Held-out words, one sample per word, OCR (rapidocr) score.",
+        f"Held-out {what}.",
         "",
-        "| model | ocr_mean | ocr_exact | n |",
+        f"| model | {m}_mean | {m}_exact | n |",
         "|---|---|---|---|",
     ]
     for key, name in ROWS:
         if key in summary:
             r = summary[key]
-            lines.append(f"| {name} | {r['ocr_mean']:.3f} | {r['ocr_exact']:.3f} | {r['n']} |")
+            lines.append(f"| {name} | {r[f'{m}_mean']:.3f} | {r[f'{m}_exact']:.3f} | {r['n']} |")
     for name, s in (ablations or {}).items():
         r = s["tdm_r1_4nfe"]
-        lines.append(f"| ablation: {name}, 4 NFE | {r['ocr_mean']:.3f} | {r['ocr_exact']:.3f} | {r['n']} |")
+        lines.append(f"| ablation: {name}, 4 NFE | {r[f'{m}_mean']:.3f} | {r[f'{m}_exact']:.3f} | {r['n']} |")
     lines += [
         "",
         f"Epochs: {summary.get('epochs')}; wall-clock: {summary.get('minutes')} min; "

@@ -103,17 +103,24 @@ def _tau(mb: Batch, s_lo: float, tdm: TDMConfig, gen: torch.Generator, device: t
 
 
 class RewardScorer:
-    """Weighted sum of rewards, computed on a worker thread so OCR of one chunk overlaps sampling the next."""
+    """Weighted sum of rewards, computed on a worker thread so OCR of one chunk overlaps sampling the next. Called
+    directly, it is that sum as one Reward (evaluation). `metadata_of(prompts)` gives the rewards' per-prompt metadata
+    (prompt files in .jsonl form)."""
 
-    def __init__(self, rewards: list[tuple[object, float]]):
+    def __init__(self, rewards: list[tuple[object, float]], metadata_of=None):
         self.rewards = rewards
+        self.metadata_of = metadata_of
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
 
     def _score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        metadata = self.metadata_of(prompts) if self.metadata_of is not None else None
         total = torch.zeros(images.shape[0])
         for reward, weight in self.rewards:
-            total += weight * score_images(reward, images, prompts)
+            total += weight * score_images(reward, images, prompts, metadata)
         return total
+
+    def __call__(self, images: Tensor, prompts: list[str], metadata: list[dict] | None = None) -> Tensor:
+        return self._score(images, prompts)
 
     def submit(self, images: Tensor, prompts: list[str]) -> Future:
         return self.pool.submit(self._score, images.detach().cpu(), list(prompts))
@@ -141,8 +148,9 @@ def rollout_phase(
     prompts = [world.prompt(w) for w in words_rep]
     group_ids = split.take(torch.arange(len(words)).repeat_interleave(tc.group_size))
     cond = roles.generator.encode_prompts(prompts)
-    c = world.cfg
-    noise = split.take(torch.randn((n, *roles.generator.latent_shape(c.height, c.width)), generator=gen))
+    device = next(iter(cond.fields.values())).device
+    noise = split.take(torch.randn((n, *roles.generator.latent_shape(world.height, world.width)), generator=gen))
+    noise = noise.to(device)
     trajs, futures = [], []
     for sl, _ in split.micro_batches():
         t = rollout(roles.generator, cond[sl], noise[sl], steps=tdm.steps, shift=tdm.shift, eta=tc.eta, generator=gen)
@@ -385,17 +393,38 @@ def update_phase(
 def evaluate_role(
     role, world, cfg: Config, words: list[str], nfe: int, guidance: float, state: dict, dist: Dist = LOCAL
 ) -> tuple[dict, Tensor]:
-    """Sample and score. Distributed: every rank samples (partitioned roles run collectively), rank 0 scores and
-    shares the result."""
+    """Sample and score: the toy world by OCR, a diffusers run by its configured rewards (`eval_metric`). Distributed:
+    every rank samples (partitioned roles run collectively), rank 0 scores and shares the result."""
+    from tdm_r1.build import is_diffusers
     from tdm_r1.evaluate import build_eval_reward, evaluate, generate
 
     if not dist.is_main:
         images = generate(role, world, words, nfe, guidance, cfg.tdm.shift, cfg.eval.seed, cfg.eval.batch_size)
         return dist.broadcast_object(None), images
     if "reward" not in state:
-        state["reward"] = build_eval_reward(cfg.reward, world)
-    result, images = evaluate(role, world, state["reward"], words, nfe, guidance, cfg.tdm.shift, cfg.eval)
+        state["reward"] = build_train_scorer(cfg, world) if is_diffusers(cfg) else build_eval_reward(cfg.reward, world)
+    metric = eval_metric(cfg)
+    result, images = evaluate(
+        role, world, state["reward"], words, nfe, guidance, cfg.tdm.shift, cfg.eval, metric=metric
+    )
     return dist.broadcast_object(result), images
+
+
+def eval_metric(cfg: Config) -> str:
+    """Name of the evaluation score: `ocr` (toy world) or `reward` (diffusers runs: the weighted train.rewards)."""
+    from tdm_r1.build import is_diffusers
+
+    return "reward" if is_diffusers(cfg) else "ocr"
+
+
+def build_train_scorer(cfg: Config, world) -> RewardScorer:
+    """The weighted sum of train.rewards, each built from its own section (local weights path, device)."""
+    from tdm_r1.rewards import build_reward
+
+    rewards = [
+        (build_reward(r.name, cfg=cfg.reward, word_of=world.word_of, term=r), r.weight) for r in cfg.train.rewards
+    ]
+    return RewardScorer(rewards, world.metadata_of)
 
 
 def baseline_evals(cfg: Config, roles: Roles, world, words: list[str], state: dict, dist: Dist = LOCAL) -> dict:
@@ -405,8 +434,10 @@ def baseline_evals(cfg: Config, roles: Roles, world, words: list[str], state: di
     from pathlib import Path
 
     path = Path(cfg.run_dir) / "baselines.json"
+    from tdm_r1.build import teacher_source
+
     key = {
-        "teacher": cfg.roles.teacher,
+        "teacher": teacher_source(cfg),
         "generator_init": cfg.roles.generator_init,
         "words": len(words),
         "seed": cfg.eval.seed,
@@ -472,6 +503,7 @@ def _export_generator(cfg: Config, roles: Roles, teacher, epoch: int, minutes: f
     from pathlib import Path
 
     from tdm_r1 import checkpoint as ckpt
+    from tdm_r1.build import is_diffusers
     from tdm_r1.consolidate import role_weights
 
     info = {
@@ -483,10 +515,39 @@ def _export_generator(cfg: Config, roles: Roles, teacher, epoch: int, minutes: f
         "teacher": cfg.roles.teacher,
         "generator_init": cfg.roles.generator_init,
     }
+    if is_diffusers(cfg):
+        return _export_pipeline(cfg, roles, dist)
     out = Path(cfg.run_dir) / "generator.safetensors"
     weights = role_weights(roles, "generator_ema", teacher, cfg.roles)
     if dist.is_main:
         ckpt.save_model(out, weights, cfg.model, cfg.world, **info)
+    return out
+
+
+def _export_pipeline(cfg: Config, roles: Roles, dist: Dist = LOCAL):
+    """<run_dir>/pipeline: the EMA generator as a diffusers pipeline folder (LoRA merged; the unchanged text encoders,
+    tokenizers and VAE symlinked to diffusers.path: `tdm-r1 export` writes a standalone copy). Collective when the
+    roles are partitioned (each tensor is gathered in turn)."""
+    from pathlib import Path
+
+    from tdm_r1.consolidate import role_tensors
+    from tdm_r1.models.export import export_diffusers_pipeline
+
+    tensors = role_tensors(roles, "generator_ema")
+    out = Path(cfg.run_dir) / "pipeline"
+    if dist.is_main:
+        base = roles.host.model if roles.host is not None else roles.reference.module
+        export_diffusers_pipeline(
+            base,
+            tensors,
+            out,
+            merge_lora=True,
+            lora_alpha=cfg.roles.lora_alpha,
+            steps=cfg.tdm.steps,
+            shift=cfg.tdm.shift,
+            overwrite=True,
+            link_unchanged=True,
+        )
     return out
 
 
@@ -500,32 +561,24 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     from tqdm import tqdm
 
     from tdm_r1 import distributed
+    from tdm_r1.build import build_run_world, is_diffusers, load_run_generator_init, load_run_teacher, teacher_id
     from tdm_r1.config import save_config
-    from tdm_r1.distill import (
-        Progress,
-        _truncate_log,
-        build_optimizers,
-        file_sha256,
-        load_generator_init,
-        load_teacher,
-        resolve_resume,
-    )
+    from tdm_r1.distill import Progress, _truncate_log, build_optimizers, resolve_resume
     from tdm_r1.evaluate import eval_words
     from tdm_r1.report import RunReporter
-    from tdm_r1.rewards import build_reward
     from tdm_r1.roles import build_roles
-    from tdm_r1.worlds.ocr import build_world
 
     tc, run = cfg.train, Path(cfg.run_dir)
     dist = distributed.init(cfg.distributed, cfg.optim)
     split = distributed.epoch_split(tc, dist, cfg.distributed.micro_batch_per_gpu)
     torch.manual_seed(cfg.seed)
-    world = build_world(cfg.world)
-    teacher = load_teacher(cfg)
-    teacher_sha = file_sha256(cfg.roles.teacher)
-    roles = build_roles(
-        cfg.roles, teacher, surrogate=True, fake=True, generator_init=load_generator_init(cfg), place=dist.place
-    )
+    world = build_run_world(cfg, need_text=any(r.name == "ocr" for r in tc.rewards))
+    teacher = load_run_teacher(cfg)
+    teacher_sha = teacher_id(cfg)
+    generator_init = load_run_generator_init(cfg, teacher)
+    roles = build_roles(cfg.roles, teacher, surrogate=True, fake=True, generator_init=generator_init, place=dist.place)
+    if is_diffusers(cfg):  # every role holds its own copy (or the shared base); export reads only the folder
+        teacher = generator_init = None
     opts = distributed.wrap_roles(roles, cfg.optim, dist) if dist.deepspeed else build_optimizers(roles, cfg.optim)
     progress = Progress(0, PromptStream(world.words("train"), cfg.seed), torch.Generator().manual_seed(cfg.seed))
     if resume is not None:
@@ -537,7 +590,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     if dist.is_main:
         run.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run / "config.yaml")
-    scorer = RewardScorer([(build_reward(r.name, cfg=cfg.reward, word_of=world.word_of), r.weight) for r in tc.rewards])
+    scorer = build_train_scorer(cfg, world)
     heldout = eval_words(world, "heldout", cfg.eval.n_train, cfg.eval.seed)
     eval_state: dict = {}
     reporter = RunReporter(run, tensorboard=tc.tensorboard) if dist.is_main else None
@@ -570,7 +623,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
             progress.step = epoch
             if tc.eval_every > 0 and epoch % tc.eval_every == 0 and epoch != tc.epochs:
                 ev, _ = evaluate_role(roles.generator_ema, world, cfg, heldout, cfg.tdm.steps, 1.0, eval_state, dist)
-                rec |= {"heldout_ocr_mean": ev["ocr_mean"], "heldout_ocr_exact": ev["ocr_exact"]}
+                m = eval_metric(cfg)
+                rec |= {f"heldout_{m}_mean": ev[f"{m}_mean"], f"heldout_{m}_exact": ev[f"{m}_exact"]}
             rec |= {
                 "sec_rollout_reward": round(t1 - t0, 2),
                 "sec_update": round(t2 - t1, 2),
@@ -597,5 +651,6 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         reporter.grid(images, "samples_end.png")
         (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         reporter.finish(summary)
-    dist.print(f"train: wrote {generator} after {minutes:.1f} min; held-out ocr_mean {final['ocr_mean']:.3f}")
+    m = eval_metric(cfg)
+    dist.print(f"train: wrote {generator} after {minutes:.1f} min; held-out {m}_mean {final[f'{m}_mean']:.3f}")
     return summary

@@ -64,6 +64,18 @@ class OCRWorld:
     train_words: list[str]
     heldout_words: list[str]
 
+    @property
+    def height(self) -> int:
+        return self.cfg.height
+
+    @property
+    def width(self) -> int:
+        return self.cfg.width
+
+    def metadata_of(self, prompts: list[str]) -> None:
+        """Per-prompt reward metadata: none in this world (the target word is in the prompt)."""
+        return None
+
     def prompt(self, word: str) -> str:
         return self.cfg.prompt_template.format(word=word)
 

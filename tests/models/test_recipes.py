@@ -16,9 +16,8 @@ from tdm_r1.models.lora import lora_target_regex
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = ["sd35m_ocr", "sd35m_geneval", "sd35m_pickscore", "zimage_turbo_ocr"]
-# Sections allowed to be missing from the schema (the diffusers prompt source; tdm_r1/distributed.py's section until
-# it lands). A section the schema has is loaded strictly, so these checks tighten on their own as the schema grows.
-PENDING = {"prompts", "distributed"}
+# Sections allowed to be missing from the schema: none any more, so every key of every recipe loads strictly.
+PENDING: set[str] = set()
 GPUS = 8
 # DESIGN section 5: P, G, samples per GPU, beta_dpo, rl_cfg, t_min (surrogate, generator) / 1000, PPO clip, trunc
 PRESETS = {
@@ -47,6 +46,11 @@ def test_recipe_loads_strictly(name):
     assert cfg.roles.mode == "lora" and (cfg.roles.lora_rank, cfg.roles.lora_alpha) == (32, 64.0)
     assert cfg.roles.lora_targets == lora_target_regex(cfg.model.kind)
     assert cfg.tdm.steps == 4 and raw["distributed"]["zero_stage"] == 3
+    assert cfg.prompts.train and cfg.prompts.heldout  # the train / held-out prompt files
+    for term in cfg.train.rewards:  # model-based rewards load from a configured local folder
+        assert term.name in ("ocr", "geneval", "pickscore") and (term.name == "ocr" or term.path)
+    if name.endswith("_ocr"):  # 512 px images are read as they are, one per OCR call
+        assert (cfg.reward.upscale, cfg.reward.tile_columns, cfg.reward.tile_rows) == (1, 1, 1)
 
 
 @pytest.mark.parametrize("name", RECIPES)

@@ -239,3 +239,29 @@ def pipeline_guidance(kind: str, cfg: float) -> float:
     """Our CFG scale w (v_u + w (v_c - v_u)) in each pipeline's own guidance_scale: SD3 uses w itself (CFG on when
     > 1); Z-Image guides with pos + g (pos - neg), so g = w - 1 (CFG on when > 0)."""
     return cfg - 1.0 if kind == "zimage" else cfg
+
+
+def exported_pipeline_images(folder: Path, prompts: list[str], noise: torch.Tensor, max_sequence_length: int):
+    """Images [B, 3, H, W] of an exported folder sampled the way its tdm_r1_export.json says (its LoRA file loaded
+    when it has one), from the given latents."""
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    from tdm_r1.models.export import EXPORT_INFO, LORA_FILE
+
+    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    if (folder / LORA_FILE).is_file():
+        pipe.load_lora_weights(folder, weight_name=LORA_FILE)
+    pipe.set_progress_bar_config(disable=True)
+    call = json.loads((folder / EXPORT_INFO).read_text())["pipeline_call"]
+    out = pipe(
+        prompt=list(prompts),
+        height=HEIGHT,
+        width=WIDTH,
+        latents=noise.clone(),
+        output_type="pt",
+        max_sequence_length=max_sequence_length,
+        **call,
+    )
+    return out.images

@@ -1,0 +1,100 @@
+"""What a training run is built from, for the toy model and diffusers models alike: its world (the toy world, or
+prompt files), the frozen teacher, the teacher's identity (checked on resume and export) and the starting generator.
+
+model.kind tiny_dit reads `world:` and the `roles.teacher` checkpoint; sd3 / zimage read `prompts:` and the local
+diffusers folder `diffusers.path`, which is the teacher / reference (loaded in full before any partitioning: diffusers'
+from_pretrained does not run under DeepSpeed's zero.Init).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+from torch import nn
+
+from tdm_r1.config import Config, ConfigError
+
+DIFFUSERS_KINDS = ("sd3", "zimage")
+
+
+def is_diffusers(cfg: Config) -> bool:
+    return cfg.model.kind in DIFFUSERS_KINDS
+
+
+def build_run_world(cfg: Config, need_text: bool = False):
+    """The toy OCR world, or the prompt world of a diffusers model (need_text: prompts must quote their text)."""
+    if is_diffusers(cfg):
+        from tdm_r1.worlds.prompts import build_prompt_world
+
+        return build_prompt_world(cfg.prompts, cfg.diffusers, need_text)
+    from tdm_r1.worlds.ocr import build_world
+
+    return build_world(cfg.world)
+
+
+def load_run_teacher(cfg: Config) -> nn.Module:
+    """The frozen teacher: the tiny DiT checkpoint roles.teacher, or the diffusers folder's transformer (with its
+    text encoders and VAE, shared by every role)."""
+    if not is_diffusers(cfg):
+        from tdm_r1.distill import load_teacher
+
+        return load_teacher(cfg)
+    from tdm_r1.models.diffusers_common import load_diffusers_model
+
+    return load_diffusers_model(cfg.model, cfg.diffusers).eval().requires_grad_(False)
+
+
+def teacher_source(cfg: Config) -> str:
+    """Where the teacher comes from, as the run records it."""
+    return cfg.diffusers.path if is_diffusers(cfg) else cfg.roles.teacher
+
+
+def folder_fingerprint(path: str | Path) -> str:
+    """sha256 over a diffusers folder's model_index.json, transformer config and the names and sizes of its transformer
+    weight files: cheap for multi-GB weights, and changes when the transformer is replaced."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for name in ("model_index.json", "transformer/config.json"):
+        f = root / name
+        h.update(name.encode() + b"\0" + (f.read_bytes() if f.is_file() else b"<missing>") + b"\0")
+    files = sorted(p for p in (root / "transformer").rglob("*") if p.is_file())
+    h.update(json.dumps([[str(p.relative_to(root)), p.stat().st_size] for p in files]).encode())
+    return h.hexdigest()
+
+
+def teacher_id(cfg: Config) -> str:
+    """The teacher's identity stored in training states: the checkpoint's sha256, or the folder fingerprint."""
+    if is_diffusers(cfg):
+        return folder_fingerprint(cfg.diffusers.path)
+    from tdm_r1.distill import file_sha256
+
+    return file_sha256(cfg.roles.teacher)
+
+
+def load_run_generator_init(cfg: Config, teacher: nn.Module):
+    """The few-step generator to start from (None = the teacher): lora mode, adapter tensors written by
+    `tdm-r1 distill` / `train` (roles format, checked against roles.lora_*); full mode, a model checkpoint (toy) or a
+    diffusers folder whose `transformer/` is loaded into a copy of the teacher (e.g. a `tdm-r1 export` folder)."""
+    path = cfg.roles.generator_init
+    if path is None or not is_diffusers(cfg) or cfg.roles.mode == "lora":
+        from tdm_r1.distill import load_generator_init
+
+        return load_generator_init(cfg)
+    if not (Path(path) / "transformer").is_dir():
+        raise ConfigError(
+            f"roles.generator_init={path!r}: full mode on model.kind {cfg.model.kind} starts the generator from a "
+            "diffusers folder with a transformer/ subfolder (e.g. one written by `tdm-r1 export`)"
+        )
+    import torch
+
+    generator = copy.deepcopy(teacher)
+    dtype = next(teacher.transformer.parameters()).dtype
+    loaded = type(teacher.transformer).from_pretrained(
+        path, subfolder="transformer", dtype=dtype, local_files_only=True
+    )
+    with torch.no_grad():
+        generator.transformer.load_state_dict(loaded.state_dict(), strict=True)
+    return generator

@@ -1,0 +1,78 @@
+"""PickScore (Kirstain et al. 2023): a CLIP-H model fine-tuned on human preferences between images for a prompt.
+
+score = logit_scale * cos(image embedding, prompt embedding), the model's own preference logit (about 18-24 for
+SD-class images; only differences within a prompt group matter to the advantages). Loaded offline from a local folder
+(train.rewards[].path) that holds the model (`yuvalkirstain/PickScore_v1`: config.json + weights) and its processor
+files (`laion/CLIP-ViT-H-14-laion2B-s32B-b79K`: preprocessor_config.json and the tokenizer files), for example:
+
+    huggingface-cli download yuvalkirstain/PickScore_v1 --local-dir models/pickscore
+    huggingface-cli download laion/CLIP-ViT-H-14-laion2B-s32B-b79K preprocessor_config.json tokenizer.json \\
+        tokenizer_config.json special_tokens_map.json vocab.json merges.txt --local-dir models/pickscore
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tdm_r1.rewards.base import RewardSetupError, register_reward, require_package, require_path, reward_device
+
+HINT = (
+    "Put PickScore_v1 (config.json + weights) and the CLIP-ViT-H-14 processor files (preprocessor_config.json, "
+    "tokenizer files) in one folder; see tdm_r1/rewards/pickscore.py."
+)
+
+
+def _features(out) -> torch.Tensor:
+    """get_*_features returns the projected embeddings (transformers 4) or an output holding them (5)."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] float in [0, 1] -> RGB PIL images (what CLIP processors were trained on)."""
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+class PickScore:
+    name = "pickscore"
+
+    def __init__(self, path: str, device: str = "auto", batch_size: int = 32):
+        root = require_path(path, self.name, "a local PickScore folder", HINT)
+        transformers = require_package("transformers", self.name, "pip install 'tdm-r1[diffusers]'")
+        missing = [] if (root / "config.json").is_file() else ["config.json"]
+        if not any((root / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
+            missing.append("preprocessor_config.json")  # processor_config.json when transformers >= 5 saved it
+        if missing:
+            raise RewardSetupError(f"reward 'pickscore': {root} lacks {', '.join(missing)}. {HINT}")
+        self.device = reward_device(device)
+        self.batch_size = batch_size
+        try:
+            self.processor = transformers.AutoProcessor.from_pretrained(root, local_files_only=True)
+            self.model = transformers.CLIPModel.from_pretrained(root, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise RewardSetupError(f"reward 'pickscore': could not load {root}: {e}. {HINT}") from e
+        self.model = self.model.eval().requires_grad_(False).to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
+        scores = []
+        for i in range(0, len(prompts), self.batch_size):
+            pil = to_pil(images[i : i + self.batch_size])
+            pixels = self.processor(images=pil, return_tensors="pt")["pixel_values"].to(self.device)
+            text = self.processor(
+                text=prompts[i : i + self.batch_size], padding=True, truncation=True, return_tensors="pt"
+            ).to(self.device)
+            img = _features(self.model.get_image_features(pixel_values=pixels)).float()
+            txt = _features(self.model.get_text_features(**text)).float()
+            cos = (img / img.norm(dim=-1, keepdim=True) * txt / txt.norm(dim=-1, keepdim=True)).sum(-1)
+            scores.append(self.model.logit_scale.exp().float() * cos)
+        return torch.cat(scores).cpu()
+
+
+@register_reward("pickscore")
+def build_pickscore(cfg=None, word_of=None, term=None, **_) -> PickScore:
+    if term is None:
+        raise RewardSetupError("reward 'pickscore' is built from its train.rewards entry (path, device, batch_size)")
+    return PickScore(term.path, term.device, term.batch_size)

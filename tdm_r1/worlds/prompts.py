@@ -1,0 +1,137 @@
+"""Prompt files as the world of a diffusers model (model.kind sd3 / zimage): train and held-out prompts read from
+files, the image size the model is trained at, and, for text-rendering rewards, the target text of each prompt.
+
+Presents the interface the trainer uses of the toy OCR world (`words`, `prompt`, `word_of`, `height`, `width`), with
+each prompt standing for itself as a "word". `.jsonl` files also give per-prompt metadata for rewards that need it
+(GenEval's clauses). The target text of a prompt is its first double-quoted span (`a sign that says "OPEN"` ->
+`OPEN`; straight or curly quotes), so OCR prompt files need no separate answer column.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tdm_r1.config import ConfigError, DiffusersConfig, PromptsConfig
+from tdm_r1.worlds.ocr import PromptFileError
+
+_QUOTED = re.compile(r"\"([^\"]+)\"|\u201c([^\u201d]+)\u201d")
+
+
+def quoted_text(prompt: str) -> str | None:
+    """The first double-quoted span of a prompt (straight or curly quotes), or None."""
+    m = _QUOTED.search(prompt)
+    if m is None:
+        return None
+    text = (m.group(1) or m.group(2)).strip()
+    return text or None
+
+
+def _lines(p: Path) -> list[tuple[int, str]]:
+    """(line number, stripped text) of every line; errors name the file and line."""
+    if not p.is_file():
+        raise PromptFileError(f"prompt file not found: {p}")
+    raw = p.read_bytes()
+    out = []
+    n_lines = raw.count(b"\n") + 1
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise PromptFileError(f"{p}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        if not text:
+            if lineno == n_lines:  # trailing newline at end of file
+                continue
+            raise PromptFileError(f"{p}:{lineno}: empty line (one prompt per line)")
+        out.append((lineno, text))
+    if not out:
+        raise PromptFileError(f"{p}: no prompts (the file is empty)")
+    return out
+
+
+def read_prompts(path: str | Path, need_text: bool = False) -> tuple[list[str], dict[str, dict]]:
+    """Prompts of a `.txt` (one per line) or `.jsonl` file (one object with a "prompt" string per line), and the
+    metadata of each prompt of a `.jsonl` file. need_text: every prompt must carry quoted target text (OCR)."""
+    p = Path(path)
+    jsonl = p.suffix == ".jsonl"
+    prompts: list[str] = []
+    metadata: dict[str, dict] = {}
+    first_line: dict[str, int] = {}
+    for lineno, text in _lines(p):
+        if jsonl:
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise PromptFileError(f"{p}:{lineno}: not a JSON object ({e.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+                raise PromptFileError(f'{p}:{lineno}: expected a JSON object with a non-empty "prompt" string')
+            prompt = obj["prompt"].strip()
+            if prompt in metadata and metadata[prompt] != obj:
+                raise PromptFileError(
+                    f"{p}:{lineno}: prompt {prompt!r} repeats line {first_line[prompt]} with other metadata"
+                )
+            metadata[prompt] = obj
+            first_line.setdefault(prompt, lineno)
+        else:
+            prompt = text
+        if need_text and quoted_text(prompt) is None:
+            raise PromptFileError(
+                f'{p}:{lineno}: {prompt!r} has no double-quoted target text (e.g. a sign that says "OPEN"), which the '
+                "ocr reward reads as the text to render"
+            )
+        prompts.append(prompt)
+    return prompts, metadata
+
+
+@dataclass
+class PromptWorld:
+    train_words: list[str]  # train prompts
+    heldout_words: list[str]  # held-out prompts (already cut to prompts.heldout_limit)
+    height: int
+    width: int
+    metadata: dict[str, dict] = field(default_factory=dict)  # prompt -> its .jsonl object
+
+    def prompt(self, item: str) -> str:
+        return item
+
+    def word_of(self, prompt: str) -> str:
+        """The text a prompt asks to render (its first double-quoted span)."""
+        text = quoted_text(prompt)
+        if text is None:
+            raise ValueError(f"prompt {prompt!r} has no double-quoted target text")
+        return text
+
+    def words(self, split: str) -> list[str]:
+        if split == "train":
+            return self.train_words
+        if split == "heldout":
+            return self.heldout_words
+        raise ValueError(f"unknown split {split!r}; expected 'train' or 'heldout'")
+
+    def metadata_of(self, prompts: list[str]) -> list[dict] | None:
+        """Per-prompt metadata for the rewards ({"prompt": ...} for prompts of a .txt file); None without any."""
+        if not self.metadata:
+            return None
+        return [self.metadata.get(p, {"prompt": p}) for p in prompts]
+
+
+def build_prompt_world(pcfg: PromptsConfig, dcfg: DiffusersConfig, need_text: bool = False) -> PromptWorld:
+    """The world of a diffusers run from the `prompts:` and `diffusers:` sections."""
+    for split in ("train", "heldout"):
+        if not getattr(pcfg, split):
+            raise ConfigError(
+                f"prompts.{split} is empty; diffusers models (model.kind sd3 / zimage) train on prompt files: set "
+                'prompts.train and prompts.heldout (.txt, one prompt per line, or .jsonl with a "prompt" field)'
+            )
+    if pcfg.heldout_limit < 0:
+        raise ConfigError(f"prompts.heldout_limit must be >= 0, got {pcfg.heldout_limit}")
+    train, meta = read_prompts(pcfg.train, need_text)
+    heldout, meta_heldout = read_prompts(pcfg.heldout, need_text)
+    for prompt, obj in meta_heldout.items():
+        if meta.get(prompt, obj) != obj:
+            raise PromptFileError(f"{pcfg.heldout}: prompt {prompt!r} has other metadata than in {pcfg.train}")
+    if pcfg.heldout_limit:
+        heldout = heldout[: pcfg.heldout_limit]
+    return PromptWorld(train, heldout, dcfg.height, dcfg.width, meta | meta_heldout)
