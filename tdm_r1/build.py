@@ -74,18 +74,19 @@ def teacher_id(cfg: Config) -> str:
     return file_sha256(cfg.roles.teacher)
 
 
-def load_run_generator_init(cfg: Config, teacher: nn.Module):
-    """The few-step generator to start from (None = the teacher): lora mode, adapter tensors written by
+def load_run_generator_init(cfg: Config, teacher: nn.Module, field: str = "generator_init"):
+    """The few-step generator (field="generator_init") or fake score (field="fake_init") to start from (None = the
+    teacher): lora mode, adapter tensors written by
     `tdm-r1 distill` / `train` (roles format, checked against roles.lora_*); full mode, a model checkpoint (toy) or a
     diffusers folder whose `transformer/` is loaded into a copy of the teacher (e.g. a `tdm-r1 export` folder)."""
-    path = cfg.roles.generator_init
+    path = getattr(cfg.roles, field)
     if path is None or not is_diffusers(cfg) or cfg.roles.mode == "lora":
         from tdm_r1.distill import load_generator_init
 
-        return load_generator_init(cfg)
+        return load_generator_init(cfg, field)
     if not (Path(path) / "transformer").is_dir():
         raise ConfigError(
-            f"roles.generator_init={path!r}: full mode on model.kind {cfg.model.kind} starts the generator from a "
+            f"roles.{field}={path!r}: full mode on model.kind {cfg.model.kind} starts the generator from a "
             "diffusers folder with a transformer/ subfolder (e.g. one written by `tdm-r1 export`)"
         )
     import torch

@@ -116,6 +116,11 @@ class RolesConfig:
     # Few-step generator to start from: full mode takes a model checkpoint (weights), lora mode an adapter
     # file written by `tdm-r1 distill` in lora mode (student_adapter.safetensors). None = the teacher.
     generator_init: str | None = None
+    # The fake score to start from (same formats as generator_init; `tdm-r1 distill` writes
+    # student_fake_adapter.safetensors / student_fake.safetensors next to the student). None = the teacher. Starting
+    # TDM-R1 from the distillation run's fake keeps the KL term consistent with the student from the first epoch
+    # instead of re-learning the student's distribution while the other terms already push.
+    fake_init: str | None = None
     lora_rank: int = 32
     lora_alpha: float = 64.0
     # Regex (full match on module names) of the linear layers that get adapters: the DiT blocks'

@@ -576,7 +576,15 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     teacher = load_run_teacher(cfg)
     teacher_sha = teacher_id(cfg)
     generator_init = load_run_generator_init(cfg, teacher)
-    roles = build_roles(cfg.roles, teacher, surrogate=True, fake=True, generator_init=generator_init, place=dist.place)
+    roles = build_roles(
+        cfg.roles,
+        teacher,
+        surrogate=True,
+        fake=True,
+        generator_init=generator_init,
+        place=dist.place,
+        fake_init=load_run_generator_init(cfg, teacher, field="fake_init"),
+    )
     if is_diffusers(cfg):  # every role holds its own copy (or the shared base); export reads only the folder
         teacher = generator_init = None
     opts = distributed.wrap_roles(roles, cfg.optim, dist) if dist.deepspeed else build_optimizers(roles, cfg.optim)

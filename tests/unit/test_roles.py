@@ -153,3 +153,19 @@ def test_full_fake_starts_from_given_model(teacher, inputs):
     assert torch.allclose(roles.generator.velocity(*inputs), teacher.velocity(*inputs))
     with pytest.raises(TypeError):
         build_roles(RolesConfig(mode="full"), teacher, fake_init={"w": torch.zeros(1)})
+
+
+def test_run_loads_fake_init_from_config(teacher, inputs, tmp_path):
+    from tdm_r1.build import load_run_generator_init
+
+    cfg = Config(model=MODEL, world=WORLD)
+    a = build_roles(cfg.roles, teacher, surrogate=False)
+    _perturb(a.fake.parameters())
+    save_adapter(tmp_path / "fake.safetensors", a.adapter_tensors("fake"), cfg)
+    cfg.roles.fake_init = str(tmp_path / "fake.safetensors")
+    assert load_run_generator_init(cfg, teacher) is None  # generator_init stays unset
+    b = build_roles(cfg.roles, teacher, fake_init=load_run_generator_init(cfg, teacher, field="fake_init"))
+    assert torch.equal(b.fake.velocity(*inputs), a.fake.velocity(*inputs))
+    cfg.roles.fake_init = str(tmp_path / "missing.safetensors")
+    with pytest.raises(Exception, match="missing.safetensors"):
+        load_run_generator_init(cfg, teacher, field="fake_init")
