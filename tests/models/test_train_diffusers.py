@@ -209,3 +209,26 @@ def test_missing_prompt_files_are_a_clear_cli_error(sd3_dir, tmp_path, capsys):
     assert main(["train", "--config", str(cfg), "--set", "train.rewards=[{name: ocr}]"]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'train.txt'}:2: 'red cube' has no double-quoted target text" in err
+
+
+def test_full_mode_run_exports_the_ema_transformer(zimage_dir, tmp_path):
+    """full mode: every role its own transformer copy; the export writes the EMA generator's whole transformer (its
+    buffers taken from the source folder, since training states hold parameters only)."""
+    cfg = write_config(tmp_path, "zimage", zimage_dir, tmp_path / "run", 1)
+    built = []
+    real = tdm_r1.roles.build_roles
+    with one_thread(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tdm_r1.roles, "build_roles", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+        overrides = ["--set", "roles.mode=full", "--set", "train.eval_baselines=false"]
+        assert main(["train", "--config", str(cfg), *overrides]) == 0
+        assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
+        ema = built[0].generator_ema
+        assert built[0].mode == "full" and ema.module is not built[0].reference.module
+        noise = torch.randn((len(PROMPTS), *ema.latent_shape(16, 24)), generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            ours = ema.decode(rollout(ema, ema.encode_prompts(PROMPTS), noise, steps=4, shift=3.0).sample)
+            ref = built[0].reference
+            untrained = ref.decode(rollout(ref, ref.encode_prompts(PROMPTS), noise, steps=4, shift=3.0).sample)
+        theirs = exported_pipeline_images(tmp_path / "export", PROMPTS, noise, ZIMAGE_SEQ)
+    assert (theirs - ours).abs().max() <= IMAGE_ATOL
+    assert (untrained - ours).abs().max() > 1e-4
