@@ -600,7 +600,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         save_config(cfg, run / "config.yaml")
     scorer = build_train_scorer(cfg, world)
     heldout = eval_words(world, "heldout", cfg.eval.n_train, cfg.eval.seed)
-    eval_state: dict = {}
+    # diffusers runs evaluate with the train rewards: the scorer's models serve both (one copy of e.g. PickScore)
+    eval_state: dict = {"reward": scorer} if is_diffusers(cfg) else {}
     reporter = RunReporter(run, tensorboard=tc.tensorboard) if dist.is_main else None
     baselines = baseline_evals(cfg, roles, world, heldout, eval_state, dist) if tc.eval_baselines else {}
     if progress.step == 0:
