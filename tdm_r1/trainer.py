@@ -551,6 +551,42 @@ def _export_pipeline(cfg: Config, roles: Roles, dist: Dist = LOCAL):
     return out
 
 
+# What a run writes into run_dir (baselines.json is a cache keyed by what it measured and stays).
+RUN_OUTPUTS = (
+    "metrics.jsonl",
+    "summary.json",
+    "report.md",
+    "reward_curve.png",
+    "samples_start.png",
+    "samples_end.png",
+    "generator.safetensors",
+    "pipeline",
+    "checkpoints",
+    "tensorboard",
+    "config.yaml",
+)
+
+
+def archive_previous_run(run) -> object:
+    """A fresh (not resumed) run in a directory that holds an earlier run's outputs: move them into
+    run_dir/previous_<n>/ so nothing written is lost and the new metrics, curve and checkpoints are not mixed with
+    the old ones. Returns the archive directory, or None when there was nothing to move."""
+    from pathlib import Path
+
+    run = Path(run)
+    found = [run / name for name in RUN_OUTPUTS if (run / name).exists()]
+    if not any(p.name in ("metrics.jsonl", "checkpoints") for p in found):
+        return None
+    n = 1
+    while (run / f"previous_{n}").exists():
+        n += 1
+    dest = run / f"previous_{n}"
+    dest.mkdir()
+    for p in found:
+        p.rename(dest / p.name)
+    return dest
+
+
 def train(cfg: Config, resume: str | None = None) -> dict:
     """Run TDM-R1; returns the summary written to <run_dir>/summary.json. Under `deepspeed` / `torchrun` every rank
     runs this with its share of each epoch's samples; rank 0 writes the run directory."""
@@ -595,6 +631,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         if dist.is_main:
             _truncate_log(run / "metrics.jsonl", progress.step, key="epoch")
         dist.print(f"train: resumed from {path} at epoch {progress.step}")
+    elif dist.is_main and (moved := archive_previous_run(run)) is not None:
+        dist.print(f"train: {run} held an earlier run; its files were moved to {moved}")
     if dist.is_main:
         run.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run / "config.yaml")

@@ -172,3 +172,16 @@ def test_ablation_switches_run(paths, tmp_path):
     for i, extra in enumerate(["train.generator_loss=direct_rl", "train.eta=1.0", "train.surrogate_reference=ema"]):
         out = train(make_cfg(paths, tmp_path / str(i), "train.epochs=1", extra))
         assert np.isfinite(out["tdm_r1_4nfe"]["ocr_mean"])
+
+
+def test_fresh_run_in_a_used_directory_keeps_the_earlier_run_apart(paths, tmp_path):
+    first = train(make_cfg(paths, tmp_path, "train.epochs=2"))
+    old_metrics = (tmp_path / "metrics.jsonl").read_text()
+    old_generator = (tmp_path / "generator.safetensors").read_bytes()
+    train(make_cfg(paths, tmp_path, "train.epochs=1", "seed=1"))
+    prev = tmp_path / "previous_1"
+    assert (prev / "metrics.jsonl").read_text() == old_metrics  # moved intact
+    assert (prev / "generator.safetensors").read_bytes() == old_generator
+    assert json.loads((prev / "summary.json").read_text())["epochs"] == first["epochs"] == 2
+    assert [r["epoch"] for r in metrics(tmp_path)] == [1]  # the new run's log holds only its own epochs
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["state_000001.safetensors"]
