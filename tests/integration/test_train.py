@@ -185,3 +185,23 @@ def test_fresh_run_in_a_used_directory_keeps_the_earlier_run_apart(paths, tmp_pa
     assert json.loads((prev / "summary.json").read_text())["epochs"] == first["epochs"] == 2
     assert [r["epoch"] for r in metrics(tmp_path)] == [1]  # the new run's log holds only its own epochs
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["state_000001.safetensors"]
+
+
+def test_surrogate_probe_reads_a_training_state(paths, tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    train(make_cfg(paths, tmp_path, "train.epochs=2"))
+    path = Path(__file__).resolve().parents[2] / "tools" / "surrogate_probe.py"
+    spec = importlib.util.spec_from_file_location("surrogate_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    state = tmp_path / "checkpoints" / "state_000002.safetensors"
+    monkeypatch.setattr(sys, "argv", ["probe", "--run", str(tmp_path), "--state", str(state), "--prompts", "2"])
+    probe.main()
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("x_")]
+    # 4 stored states; each row's tau lies above its s (x_1 at s=.9 has none of the probe's taus)
+    assert {r[0] for r in rows} == {"x_2", "x_3", "x_4"}
+    assert all(float(r[2]) > float(r[1]) and np.isfinite(float(r[4])) for r in rows)
+    assert len([r for r in rows if r[0] == "x_4"]) == 6
