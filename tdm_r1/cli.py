@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (ConfigError, CheckpointError, PromptFileError, RewardFailureError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, PromptFileError, RewardFailureError, FileNotFoundError, FileExistsError) as e:
         print(f"tdm-r1 {args.command}: error: {e}", file=sys.stderr)
         code = 2
     except BaseException:

@@ -83,7 +83,9 @@ def export_diffusers_pipeline(
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
+        raise FileExistsError(
+            f"{out} exists and is not empty; export into a new folder (or remove it; overwrite=True from Python)"
+        )
     is_lora = any("lora_" in k for k in generator_state_or_lora)
     lora = split_lora(generator_state_or_lora) if is_lora else None
     if lora is not None and lora_alpha is None:

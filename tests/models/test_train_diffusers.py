@@ -198,6 +198,15 @@ def test_export_writes_a_pipeline_that_samples_the_ema_generator(runs, lora, tmp
     assert (untrained - ours).abs().max() > 1e-4  # not vacuous: training moved the EMA generator's samples
 
 
+def test_export_refuses_a_non_empty_folder(runs, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["export", "--checkpoint", str(runs.dir / "full"), "--out", str(out)]) == 2
+    assert f"{out} exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
 def test_missing_prompt_files_are_a_clear_cli_error(sd3_dir, tmp_path, capsys):
     cfg = write_config(tmp_path, "sd3", sd3_dir, tmp_path / "run", 1)
     assert main(["train", "--config", str(cfg), "--set", "prompts.heldout="]) == 2
