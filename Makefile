@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv native demo ablations r1-full test lint bench teacher student clean
+.PHONY: venv native demo ablations test lint bench teacher student clean
 
 venv: $(STAMP)
 
@@ -34,10 +34,6 @@ ablations: venv native
 	$(BIN)/tdm-r1 train --config configs/toy_ocr_r1.yaml --set run_dir=runs/demo_direct_rl --set train.generator_loss=direct_rl
 	$(BIN)/tdm-r1 train --config configs/toy_ocr_r1.yaml --set run_dir=runs/demo_eta1 --set train.eta=1.0
 	$(BIN)/tdm-r1 report --run runs/demo --ablation direct_rl=runs/demo_direct_rl --ablation eta_1=runs/demo_eta1
-
-# The longer TDM-R1 run (configs/toy_ocr_r1_full.yaml, about an hour on 2 cores): runs/r1_full/report.md
-r1-full: venv native
-	$(BIN)/tdm-r1 train --config configs/toy_ocr_r1_full.yaml
 
 test: venv native
 	$(BIN)/python -m pytest -q
