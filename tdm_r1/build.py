@@ -65,6 +65,17 @@ def folder_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def content_id(path: str | Path | None) -> str | None:
+    """sha256 of a checkpoint file, the fingerprint of a diffusers folder, None for no path."""
+    if path is None:
+        return None
+    if Path(path).is_dir():
+        return folder_fingerprint(path)
+    from tdm_r1.distill import file_sha256
+
+    return file_sha256(path)
+
+
 def teacher_id(cfg: Config) -> str:
     """The teacher's identity stored in training states: the checkpoint's sha256, or the folder fingerprint."""
     if is_diffusers(cfg):

@@ -434,13 +434,17 @@ def baseline_evals(cfg: Config, roles: Roles, world, words: list[str], state: di
     from pathlib import Path
 
     path = Path(cfg.run_dir) / "baselines.json"
-    from tdm_r1.build import teacher_source
+    from tdm_r1.build import content_id, teacher_id, teacher_source
 
+    # what the numbers depend on, by content: replacing a checkpoint at the same path invalidates the cache
     key = {
         "teacher": teacher_source(cfg),
+        "teacher_id": teacher_id(cfg),
         "generator_init": cfg.roles.generator_init,
+        "generator_init_id": content_id(cfg.roles.generator_init),
         "words": len(words),
         "seed": cfg.eval.seed,
+        "sampling": [cfg.sample.nfe, cfg.sample.cfg, cfg.tdm.steps, cfg.tdm.shift],
     }
     cached = json.loads(path.read_text()) if dist.is_main and path.is_file() else None
     cached = dist.broadcast_object(cached)

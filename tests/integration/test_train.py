@@ -205,3 +205,34 @@ def test_surrogate_probe_reads_a_training_state(paths, tmp_path, monkeypatch, ca
     assert {r[0] for r in rows} == {"x_2", "x_3", "x_4"}
     assert all(float(r[2]) > float(r[1]) and np.isfinite(float(r[4])) for r in rows)
     assert len([r for r in rows if r[0] == "x_4"]) == 6
+
+
+def test_baselines_cache_follows_checkpoint_contents_not_paths(paths, tmp_path):
+    cfg0 = make_cfg(paths, tmp_path / "a")
+    teacher = ckpt.load_model(cfg0.roles.teacher)[0]
+    init = tmp_path / "student_adapter.safetensors"
+
+    def write_adapter(seed):
+        roles = build_roles(cfg0.roles, teacher, surrogate=False, fake=False)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in roles.generator.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        ckpt.save_adapter(init, {k: v for k, v in roles_adapter(roles).items()}, cfg0)
+
+    def roles_adapter(roles):
+        roles.update_shadow("generator_ema", 0.0)
+        return roles.adapter_tensors("generator_ema")
+
+    extra = ("train.epochs=1", "train.eval_baselines=true", "sample.nfe=2", f"roles.generator_init={init}")
+    write_adapter(1)
+    first = train(make_cfg(paths, tmp_path / "a", *extra))
+    key1 = json.loads((tmp_path / "a" / "baselines.json").read_text())["key"]
+    write_adapter(2)  # another student at the same path
+    second = train(make_cfg(paths, tmp_path / "a", *extra))
+    key2 = json.loads((tmp_path / "a" / "baselines.json").read_text())["key"]
+    assert key1["generator_init"] == key2["generator_init"] and key1["generator_init_id"] != key2["generator_init_id"]
+    fresh = train(make_cfg(paths, tmp_path / "b", *extra))  # no cache: what the second run must have measured
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("seconds")}
+    assert strip(second["tdm_4nfe"]) == strip(fresh["tdm_4nfe"])
+    assert strip(first["teacher_4nfe"]) == strip(second["teacher_4nfe"])
