@@ -51,8 +51,22 @@ ROWS = [
 ]
 
 
-def plot_curves(metrics: list[dict], path: str | Path) -> None:
-    """Reward (train rollouts) and held-out OCR per epoch."""
+def summary_points(summary: dict) -> list[tuple[int, float]]:
+    """Held-out points a run's summary adds to its curve: the starting generator at epoch 0 and the final EMA
+    generator at the last epoch (evaluated at the end, not logged per epoch)."""
+    points = []
+    for key, epoch in (("tdm_4nfe", 0), ("tdm_r1_4nfe", summary.get("epochs"))):
+        r = summary.get(key)
+        if isinstance(r, dict) and epoch is not None:
+            value = r.get("ocr_mean", r.get("reward_mean"))
+            if value is not None:
+                points.append((int(epoch), float(value)))
+    return points
+
+
+def plot_curves(metrics: list[dict], path: str | Path, extra_points: list[tuple[int, float]] = ()) -> None:
+    """Reward (train rollouts) and held-out OCR per epoch; `extra_points` (epoch, value) join the held-out curve
+    (the start and final evaluations of `summary_points`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,6 +77,7 @@ def plot_curves(metrics: list[dict], path: str | Path) -> None:
     ax.plot(ep, [m["reward_mean"] for m in metrics], label="train reward (rollouts)", lw=1)
     metric = "ocr" if any("heldout_ocr_mean" in m for m in metrics) else "reward"
     ev = [(m["epoch"], m[f"heldout_{metric}_mean"]) for m in metrics if f"heldout_{metric}_mean" in m]
+    ev = sorted(dict([*ev, *extra_points]).items())
     if ev:
         ax.plot(*zip(*ev), "o-", label=f"held-out {metric.upper() if metric == 'ocr' else metric} (EMA, 4 NFE)")
     ax.set_xlabel("epoch")
@@ -145,7 +160,7 @@ class RunReporter:
             self.tb.close()
         metrics = [json.loads(x) for x in (self.run / "metrics.jsonl").read_text().splitlines() if x.strip()]
         if metrics:
-            plot_curves(metrics, self.run / "reward_curve.png")
+            plot_curves(metrics, self.run / "reward_curve.png", summary_points(summary))
         (self.run / "report.md").write_text(report_markdown(summary, ablations))
 
 
@@ -164,7 +179,7 @@ def write_report(run_dir: str | Path, ablations: dict[str, str | Path] | None = 
         abl[name] = json.loads(p.read_text())
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     if metrics:
-        plot_curves(metrics, run / "reward_curve.png")
+        plot_curves(metrics, run / "reward_curve.png", summary_points(summary))
     out = run / "report.md"
     out.write_text(report_markdown(summary, abl))
     return out
