@@ -330,6 +330,20 @@ def deepspeed_config(cfg: DistributedConfig, grad_clip: float) -> dict:
     }
 
 
+def run_script(fn, *args) -> None:
+    """Entry point of a launched script (a benchmark, a test worker): run fn(*args); an exception is printed with
+    its traceback and becomes exit code 1; then `finish` ends the process."""
+    code = 0
+    try:
+        fn(*args)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.exit(finish(code))
+
+
 def finish(code: int) -> int:
     """End a process: in a process group, barrier (after success), destroy the group, flush and os._exit(code),
     since DeepSpeed can abort at interpreter exit; without one, return `code`."""

@@ -102,3 +102,23 @@ def role_named_parameters(role, host):
         return [(n, p) for n, p in host.named_parameters() if "lora_" not in n]
     own = {id(p) for p in role.parameters()}
     return [(n, p) for n, p in host.named_parameters() if id(p) in own]
+
+
+# The tiny model of the integration tests (a few seconds per run on 2 cores).
+TINY = ["model.dim=32", "model.depth=1", "model.heads=2", "model.text_layers=1", "threads=1"]
+
+
+def save_tiny_teacher(path) -> None:
+    """A random "trained" teacher of the TINY config at `path` (the zero-initialised output layer perturbed too, so
+    every weight matters)."""
+    from tdm_r1 import checkpoint as ckpt
+    from tdm_r1.config import load_config
+    from tdm_r1.models.tiny_dit import build_tiny_dit
+
+    cfg = load_config(None, TINY)
+    torch.manual_seed(0)
+    m = build_tiny_dit(cfg.model, cfg.world)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ckpt.save_model(path, m.state_dict(), cfg.model, cfg.world)

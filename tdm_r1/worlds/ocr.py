@@ -22,22 +22,36 @@ class PromptFileError(ValueError):
     """A word or prompt file is malformed; the message names the file and line."""
 
 
-def read_words(path: str | Path, alphabet: str, max_len: int) -> list[str]:
-    """One word per line; every character must be in `alphabet`. Errors name the line number."""
+def numbered_lines(path: str | Path, item: str) -> list[tuple[int, str]]:
+    """(line number, stripped text) of every line of a UTF-8 file holding one `item` (word, prompt) per line; a
+    missing file, invalid UTF-8, an empty line (but a final newline) or no lines at all is an error naming the file
+    and line."""
     p = Path(path)
     if not p.is_file():
-        raise PromptFileError(f"word file not found: {p}")
+        raise PromptFileError(f"{item} file not found: {p}")
     raw = p.read_bytes()
-    words: list[str] = []
+    n_lines = raw.count(b"\n") + 1
+    out = []
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
         try:
             text = line.decode("utf-8").strip()
         except UnicodeDecodeError as e:
             raise PromptFileError(f"{p}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
         if not text:
-            if lineno == raw.count(b"\n") + 1:  # trailing newline at end of file
+            if lineno == n_lines:  # trailing newline at end of file
                 continue
-            raise PromptFileError(f"{p}:{lineno}: empty line (one word per line)")
+            raise PromptFileError(f"{p}:{lineno}: empty line (one {item} per line)")
+        out.append((lineno, text))
+    if not out:
+        raise PromptFileError(f"{p}: no {item}s (the file is empty)")
+    return out
+
+
+def read_words(path: str | Path, alphabet: str, max_len: int) -> list[str]:
+    """One word per line; every character must be in `alphabet`. Errors name the line number."""
+    p = Path(path)
+    words: list[str] = []
+    for lineno, text in numbered_lines(p, "word"):
         bad = sorted({c for c in text if c not in alphabet})
         if bad:
             raise PromptFileError(
@@ -47,8 +61,6 @@ def read_words(path: str | Path, alphabet: str, max_len: int) -> list[str]:
         if len(text) > max_len:
             raise PromptFileError(f"{p}:{lineno}: {text!r} is longer than max_word_len={max_len}")
         words.append(text)
-    if not words:
-        raise PromptFileError(f"{p}: no words (the file is empty)")
     return words
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tdm_r1.config import ConfigError, DiffusersConfig, PromptsConfig
-from tdm_r1.worlds.ocr import PromptFileError
+from tdm_r1.worlds.ocr import PromptFileError, numbered_lines
 
 _QUOTED = re.compile(r"\"([^\"]+)\"|\u201c([^\u201d]+)\u201d")
 
@@ -31,24 +31,7 @@ def quoted_text(prompt: str) -> str | None:
 
 def _lines(p: Path) -> list[tuple[int, str]]:
     """(line number, stripped text) of every line; errors name the file and line."""
-    if not p.is_file():
-        raise PromptFileError(f"prompt file not found: {p}")
-    raw = p.read_bytes()
-    out = []
-    n_lines = raw.count(b"\n") + 1
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        try:
-            text = line.decode("utf-8").strip()
-        except UnicodeDecodeError as e:
-            raise PromptFileError(f"{p}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        if not text:
-            if lineno == n_lines:  # trailing newline at end of file
-                continue
-            raise PromptFileError(f"{p}:{lineno}: empty line (one prompt per line)")
-        out.append((lineno, text))
-    if not out:
-        raise PromptFileError(f"{p}: no prompts (the file is empty)")
-    return out
+    return numbered_lines(p, "prompt")
 
 
 def read_prompts(path: str | Path, need_text: bool = False) -> tuple[list[str], dict[str, dict]]:

@@ -20,7 +20,6 @@ import yaml
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.cli import main
 from tdm_r1.config import load_config
-from tdm_r1.models.lora import lora_target_regex
 from tdm_r1.trainer import train
 
 pytestmark = pytest.mark.distributed
@@ -38,41 +37,14 @@ RTOL, ATOL = 1e-4, 1e-6
 
 
 def write_config(d: Path, source: Path) -> Path:
-    (d / "train.txt").write_text('a sign that says "hi"\nred cube\ntwo cats on a mat\na blue sky\n')
-    (d / "heldout.txt").write_text('a sign that says "mat"\na green cat\n')
-    cfg = {
-        "run_dir": str(d / "ranks"),
-        "threads": 1,
-        "model": {"kind": "zimage"},
-        "diffusers": {
-            "path": str(source),
-            "height": tiny.HEIGHT,
-            "width": tiny.WIDTH,
-            "dtype": "fp32",
-            "gradient_checkpointing": False,
-            "max_sequence_length": tiny.ZIMAGE_SEQ,
-        },
-        "prompts": {"train": str(d / "train.txt"), "heldout": str(d / "heldout.txt")},
-        "roles": {
-            "mode": "lora",
-            "generator_init": None,
-            "lora_rank": 4,
-            "lora_alpha": 8.0,
-            "lora_targets": lora_target_regex("zimage"),
-        },
-        "train": {
-            "epochs": 1,
-            "prompts_per_epoch": 2,
-            "group_size": 2,
-            "micro_batch_groups": 1,  # global micro-batches of 2 samples: each group spans both ranks
-            "rewards": [{"name": "dark_fraction", "weight": 1.0}],
-            "eval_every": 0,
-            "eval_baselines": False,
-            "checkpoint_every": 1,
-            "tensorboard": False,
-        },
-        "eval": {"batch_size": 4},
-        "distributed": {
+    # global micro-batches of 2 samples (micro_batch_groups 1, group_size 2): each group spans both ranks
+    cfg = tiny.train_config(
+        d,
+        "zimage",
+        source,
+        d / "ranks",
+        {},
+        distributed={
             "zero_stage": 3,
             "bf16": False,
             "param_persistence_threshold": 0,  # partition every tensor, however small
@@ -80,7 +52,7 @@ def write_config(d: Path, source: Path) -> Path:
             "prefetch_bucket_size": 0,
             "max_reuse_distance": 0,
         },
-    }
+    )
     path = d / "zimage_ds.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

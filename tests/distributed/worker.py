@@ -64,12 +64,4 @@ def main(out: Path, teacher: str, heldout: str) -> None:
 
 
 if __name__ == "__main__":
-    code = 0
-    try:
-        main(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    distributed.finish(code)
+    distributed.run_script(main, Path(sys.argv[1]), sys.argv[2], sys.argv[3])

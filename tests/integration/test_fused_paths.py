@@ -8,17 +8,16 @@ generator's output with grad, not read from the trajectory, so equality is a pro
 
 import pytest
 import torch
+from utils import TINY, save_tiny_teacher
 
 from kernels import dispatch
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1 import distill, trainer
 from tdm_r1.config import load_config
-from tdm_r1.models.tiny_dit import build_tiny_dit
 from tdm_r1.rewards import build_reward
 from tdm_r1.roles import build_roles
 from tdm_r1.worlds.ocr import build_world
 
-TINY = ["model.dim=32", "model.depth=1", "model.heads=2", "model.text_layers=1", "threads=1"]
 RUN = [
     "train.prompts_per_epoch=2",
     "train.group_size=3",
@@ -30,14 +29,8 @@ RUN = [
 
 @pytest.fixture(scope="module")
 def teacher_path(tmp_path_factory):
-    cfg = load_config(None, TINY)
-    torch.manual_seed(0)
-    m = build_tiny_dit(cfg.model, cfg.world)
-    with torch.no_grad():
-        for p in m.parameters():  # a random "trained" teacher: the zero-initialised output layer is perturbed too
-            p.add_(torch.randn_like(p) * 0.05)
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    ckpt.save_model(path, m.state_dict(), cfg.model, cfg.world)
+    save_tiny_teacher(path)
     return path
 
 

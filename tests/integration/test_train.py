@@ -5,19 +5,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from utils import role_named_parameters
+from utils import TINY, role_named_parameters, save_tiny_teacher
 
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.config import load_config
 from tdm_r1.distill import PromptStream, build_optimizers
-from tdm_r1.models.tiny_dit import build_tiny_dit
 from tdm_r1.rewards import build_reward, register_reward
 from tdm_r1.rewards.base import RewardFailureError
 from tdm_r1.roles import build_roles
 from tdm_r1.trainer import RewardScorer, advantage_phase, rollout_phase, train, update_phase
 from tdm_r1.worlds.ocr import build_world
 
-TINY = ["model.dim=32", "model.depth=1", "model.heads=2", "model.text_layers=1", "threads=1"]
 RUN = [
     "train.prompts_per_epoch=2",
     "train.group_size=3",
@@ -33,13 +31,7 @@ RUN = [
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     d = tmp_path_factory.mktemp("r1")
-    cfg = load_config(None, TINY)
-    torch.manual_seed(0)
-    m = build_tiny_dit(cfg.model, cfg.world)
-    with torch.no_grad():
-        for p in m.parameters():  # a random "trained" teacher: the zero-initialised output layer is perturbed too
-            p.add_(torch.randn_like(p) * 0.05)
-    ckpt.save_model(d / "teacher.safetensors", m.state_dict(), cfg.model, cfg.world)
+    save_tiny_teacher(d / "teacher.safetensors")
     (d / "heldout.txt").write_text("CAT\nDOG\n")
     return d
 

@@ -16,61 +16,36 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny_models import PROMPTS, SD3_SEQ, ZIMAGE_SEQ, exported_pipeline_images, one_thread
+from tiny_models import PROMPTS, SD3_SEQ, ZIMAGE_SEQ, exported_pipeline_images, one_thread, train_config
 from utils import role_named_parameters
 
 import tdm_r1.roles
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.cli import main
-from tdm_r1.models.lora import lora_target_regex
 from tdm_r1.sampling import rollout
 
-TRAIN = ['a sign that says "hi"', "red cube", "two cats on a mat", 'a mug with "ok" on it']
-HELDOUT = ['a sign that says "mat"', "a blue cat"]
+HELDOUT = ['a sign that says "mat"', "a blue cat"]  # what tiny_models.train_config writes
 FROZEN_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 # exported pipeline vs our sampler on the live EMA generator: fp32 rounding only (measured <= 1.2e-6 in test_export)
 IMAGE_ATOL = 1e-5
 
 
 def write_config(d: Path, kind: str, path: Path, run_dir: Path, epochs: int) -> Path:
-    (d / "train.txt").write_text("\n".join(TRAIN) + "\n")
-    (d / "heldout.txt").write_text("\n".join(HELDOUT) + "\n")
-    cfg = {
-        "run_dir": str(run_dir),
-        "threads": 1,
-        "model": {"kind": kind},
-        "diffusers": {
-            "path": str(path),
-            "height": 16,
-            "width": 24,
-            "dtype": "fp32",
-            "gradient_checkpointing": False,
-            "max_sequence_length": SD3_SEQ if kind == "sd3" else ZIMAGE_SEQ,
-            "vae_decode_chunk": 2,
-        },
-        "prompts": {"train": str(d / "train.txt"), "heldout": str(d / "heldout.txt")},
-        "roles": {
-            "mode": "lora",
-            "generator_init": None,
-            "lora_rank": 4,
-            "lora_alpha": 8.0,
-            "lora_targets": lora_target_regex(kind),
-        },
-        "optim": {"weight_decay": 0.0},  # a tensor without gradient must not move
-        "sample": {"nfe": 2},  # the teacher baseline's sampler
-        "train": {
-            "epochs": epochs,
-            "prompts_per_epoch": 2,
-            "group_size": 2,
-            "micro_batch_groups": 1,
-            "optimizer_steps_per_epoch": 2,  # LoRA A matrices get gradients once B has moved, at the second step
-            "rewards": [{"name": "dark_fraction", "weight": 1.0}],
-            "eval_every": 0,
-            "checkpoint_every": 1,
-            "tensorboard": False,
-        },
-        "eval": {"batch_size": 4},
+    train = {
+        "epochs": epochs,
+        "optimizer_steps_per_epoch": 2,  # LoRA A matrices get gradients once B has moved, at the second step
+        "eval_baselines": True,
     }
+    cfg = train_config(
+        d,
+        kind,
+        path,
+        run_dir,
+        train,
+        diffusers={"vae_decode_chunk": 2},
+        optim={"weight_decay": 0.0},  # a tensor without gradient must not move
+        sample={"nfe": 2},  # the teacher baseline's sampler
+    )
     out = d / f"{run_dir.name}_{epochs}.yaml"
     out.write_text(yaml.safe_dump(cfg))
     return out

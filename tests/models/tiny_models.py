@@ -265,3 +265,49 @@ def exported_pipeline_images(folder: Path, prompts: list[str], noise: torch.Tens
         **call,
     )
     return out.images
+
+
+def train_config(d: Path, kind: str, source: Path, run_dir: Path, train: dict, **sections) -> dict:
+    """A `tdm-r1 train` config (as a dict) on a tiny diffusers folder: prompt files written into `d`, LoRA r4 roles,
+    the `dark_fraction` reward, no baselines, no TensorBoard. `train` and `sections` are merged over these defaults."""
+    (d / "train.txt").write_text('a sign that says "hi"\nred cube\ntwo cats on a mat\na mug with "ok" on it\n')
+    (d / "heldout.txt").write_text('a sign that says "mat"\na blue cat\n')
+    from tdm_r1.models.lora import lora_target_regex
+
+    cfg = {
+        "run_dir": str(run_dir),
+        "threads": 1,
+        "model": {"kind": kind},
+        "diffusers": {
+            "path": str(source),
+            "height": HEIGHT,
+            "width": WIDTH,
+            "dtype": "fp32",
+            "gradient_checkpointing": False,
+            "max_sequence_length": SD3_SEQ if kind == "sd3" else ZIMAGE_SEQ,
+        },
+        "prompts": {"train": str(d / "train.txt"), "heldout": str(d / "heldout.txt")},
+        "roles": {
+            "mode": "lora",
+            "generator_init": None,
+            "lora_rank": 4,
+            "lora_alpha": 8.0,
+            "lora_targets": lora_target_regex(kind),
+        },
+        "train": {
+            "epochs": 1,
+            "prompts_per_epoch": 2,
+            "group_size": 2,
+            "micro_batch_groups": 1,
+            "rewards": [{"name": "dark_fraction", "weight": 1.0}],
+            "eval_every": 0,
+            "eval_baselines": False,
+            "checkpoint_every": 1,
+            "tensorboard": False,
+            **train,
+        },
+        "eval": {"batch_size": 4},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    return cfg
