@@ -6,6 +6,7 @@ with the reference's l_ref on the same group-shared noise. A surrogate that lear
 has l - l_ref lower for the better samples of a group: corr(A, l - l_ref) < 0 (its standard error is about
 1/sqrt(P*G)). mean(l - l_ref) well below 0 at low tau means the surrogate learned the generator's own samples rather
 than a preference, and the learned-reward term then pulls the generator against the KL term.
+(`tdm_r1.diagnostics.preference_probe`; tools/surrogate_fit.py trains a surrogate offline and probes it per pass.)
 
     python tools/surrogate_probe.py --run runs/demo --state runs/demo/checkpoints/state_000012.safetensors
 """
@@ -16,9 +17,9 @@ import argparse
 
 import torch
 
-from kernels import fused_renoise, fused_velocity_target_mse
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.config import load_config
+from tdm_r1.diagnostics import format_probe, preference_probe
 from tdm_r1.distill import PromptStream, load_generator_init, load_teacher
 from tdm_r1.rewards import build_reward
 from tdm_r1.roles import build_roles
@@ -52,21 +53,8 @@ def main() -> None:
         batch = rollout_phase(roles, world, stream, scorer, cfg.train, cfg.tdm, gen)
         scorer.close()
         advantage_phase(batch, cfg.train)
-        adv = batch.adv
-        print(f"{adv.numel()} fresh samples, reward mean {float(batch.rewards.nanmean()):.3f}")
-        print("state  s      tau   corr(A, l - l_ref)  mean(l - l_ref)")
-        for k in range(cfg.tdm.steps):
-            x, s_val = batch.traj.xs[k + 1], float(batch.traj.s[k + 1])
-            s = torch.full((x.shape[0],), s_val)
-            for tau_val in (t for t in TAUS if t > s_val):
-                tau = torch.full_like(s, tau_val)
-                noise = torch.randn((args.prompts, *x.shape[1:]), generator=gen)[batch.group_ids]
-                x_tau, _, _ = fused_renoise(x, noise, s, tau)
-                l_sur = fused_velocity_target_mse(x, noise, s, tau, roles.surrogate.velocity(x_tau, tau, batch.cond))
-                l_ref = fused_velocity_target_mse(x, noise, s, tau, roles.reference.velocity(x_tau, tau, batch.cond))
-                d = l_sur - l_ref
-                corr = float(torch.corrcoef(torch.stack([adv, d]))[0, 1])
-                print(f"x_{k + 1}    {s_val:.3f}  {tau_val:.2f}  {corr:+.3f}              {float(d.mean()):+.2e}")
+    print(f"{batch.adv.numel()} fresh samples, reward mean {float(batch.rewards.nanmean()):.3f}")
+    print(format_probe(preference_probe(roles, batch, TAUS, gen)))
 
 
 if __name__ == "__main__":

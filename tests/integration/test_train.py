@@ -180,15 +180,10 @@ def test_fresh_run_in_a_used_directory_keeps_the_earlier_run_apart(paths, tmp_pa
 
 
 def test_surrogate_probe_reads_a_training_state(paths, tmp_path, monkeypatch, capsys):
-    import importlib.util
     import sys
-    from pathlib import Path
 
     train(make_cfg(paths, tmp_path, "train.epochs=2"))
-    path = Path(__file__).resolve().parents[2] / "tools" / "surrogate_probe.py"
-    spec = importlib.util.spec_from_file_location("surrogate_probe", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _tool("surrogate_probe")
     state = tmp_path / "checkpoints" / "state_000002.safetensors"
     monkeypatch.setattr(sys, "argv", ["probe", "--run", str(tmp_path), "--state", str(state), "--prompts", "2"])
     probe.main()
@@ -197,6 +192,59 @@ def test_surrogate_probe_reads_a_training_state(paths, tmp_path, monkeypatch, ca
     assert {r[0] for r in rows} == {"x_2", "x_3", "x_4"}
     assert all(float(r[2]) > float(r[1]) and np.isfinite(float(r[4])) for r in rows)
     assert len([r for r in rows if r[0] == "x_4"]) == 6
+
+
+def _tool(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_surrogate_fit_trains_the_surrogate_and_probes_it_each_pass(paths, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from tdm_r1.config import save_config
+
+    save_config(make_cfg(paths, tmp_path), tmp_path / "config.yaml")
+    fit = _tool("surrogate_fit")
+    argv = ["fit", "--config", str(tmp_path / "config.yaml"), "--epochs", "2", "--passes", "2", "--probe-prompts", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    fit.main()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("12 training samples") and "6 fresh held-out samples" in out[0]
+    passes = [ln for ln in out if ln.startswith("pass ")]
+    # one optimizer step per stored micro-batch (2 epochs x 2 micro-batches of one group) per pass
+    assert passes == [p for p in passes if "surrogate steps" in p] and [p.split()[2] for p in passes] == ["4", "8"]
+    cells = {}
+    for ln in out:
+        if ln.startswith(("in-sample", "fresh")):
+            tag, *rest = ln.split()
+            cells.setdefault(tag, []).append({c.split(":")[0]: c.split(":")[1] for c in rest})
+    assert set(cells) == {"in-sample", "fresh"} and all(len(v) == 2 for v in cells.values())
+    # states x3 (s = .75) and x4 (s = 0), each tau of the tool above its s
+    assert set(cells["fresh"][0]) == {"x3/0.8", "x4/0.1", "x4/0.3", "x4/0.5", "x4/0.8"}
+    # the surrogate moved away from the reference: l - l_ref is no longer 0 on its own samples
+    diffs = [float(v.split("(")[1].rstrip(")")) for v in cells["in-sample"][-1].values()]
+    assert any(d != 0.0 for d in diffs)
+
+
+def test_best_of_k_tool_reports_a_nondecreasing_ceiling(paths, monkeypatch, capsys):
+    import sys
+
+    argv = ["best_of_k", "--checkpoint", str(paths / "teacher.safetensors"), "--words", "2", "--samples", "3"]
+    argv += ["--set", f"world.heldout_words={paths / 'heldout.txt'}", "--set", "threads=1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    _tool("best_of_k").main()
+    out = capsys.readouterr().out.splitlines()
+    assert "2 held-out words x 3 samples" in out[0]
+    best = [(int(ln.split()[2].rstrip(":")), float(ln.split()[-1])) for ln in out if ln.startswith("best of")]
+    assert [k for k, _ in best] == [1, 2, 3]
+    assert all(a[1] <= b[1] for a, b in zip(best, best[1:])) and all(0.0 <= v <= 1.0 for _, v in best)
 
 
 def test_baselines_cache_follows_checkpoint_contents_not_paths(paths, tmp_path):

@@ -1,0 +1,66 @@
+"""Diagnostics of TDM-R1's learned reward: how much could any reward tilt of a generator gain (best-of-k), and does
+a surrogate prefer the better samples of a group (on the samples it was trained on, and on fresh ones)?
+
+Used by tools/best_of_k.py, tools/surrogate_probe.py and tools/surrogate_fit.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from kernels import fused_renoise, fused_velocity_target_mse
+
+
+def best_of_k(rewards: Tensor) -> dict[int, float]:
+    """rewards [P, G] (G samples of each of P prompts) -> {k: mean over prompts of the best of the first k samples}
+    for k = 1, 2, 4, ... up to G (and G itself). The ceiling a generator reaches by always producing its best of k
+    samples: what a perfect reward model could select, without learning anything new. A NaN (failed) score never
+    counts as a best sample; a prompt with no score among its first k is left out of that mean."""
+    if rewards.dim() != 2 or rewards.shape[1] < 1:
+        raise ValueError(f"best_of_k: expected rewards [P, G], got shape {tuple(rewards.shape)}")
+    g = rewards.shape[1]
+    ks = sorted({2**i for i in range(int(math.log2(g)) + 1)} | {g})
+    r = rewards.float().nan_to_num(nan=-math.inf)
+    out = {}
+    for k in ks:
+        best = r[:, :k].max(1).values
+        out[k] = float(best[torch.isfinite(best)].mean())
+    return out
+
+
+@torch.no_grad()
+def preference_probe(roles, batch, taus: tuple[float, ...], gen: torch.Generator, states=None) -> list[dict]:
+    """For each stored state x_{s_{k+1}} of `batch` (a rollout with advantages) and each tau above its s: re-noise
+    with group-shared noise (as the surrogate is trained), compare the surrogate's velocity loss l with the
+    reference's l_ref, and report corr(A, l - l_ref) (negative: the surrogate prefers the better samples of a group;
+    standard error about 1 / sqrt(N)) and mean(l - l_ref) (well below 0 at low tau: the surrogate fits the samples
+    themselves rather than a preference). `states`: the state indices k + 1 to probe (default all but x_0)."""
+    n_groups = int(batch.group_ids.max()) + 1
+    rows = []
+    for k1 in states or range(1, batch.traj.xs.shape[0]):
+        x, s_val = batch.traj.xs[k1], float(batch.traj.s[k1])
+        s = torch.full((x.shape[0],), s_val, device=x.device)
+        for tau_val in (t for t in taus if t > s_val):
+            tau = torch.full_like(s, tau_val)
+            noise = torch.randn((n_groups, *x.shape[1:]), generator=gen)[batch.group_ids].to(x.device)
+            x_tau, _, _ = fused_renoise(x, noise, s, tau)
+            l_sur = fused_velocity_target_mse(x, noise, s, tau, roles.surrogate.velocity(x_tau, tau, batch.cond))
+            l_ref = fused_velocity_target_mse(x, noise, s, tau, roles.reference.velocity(x_tau, tau, batch.cond))
+            d = (l_sur - l_ref).float().cpu()
+            adv = batch.adv.float().cpu()
+            corr = float(torch.corrcoef(torch.stack([adv, d]))[0, 1]) if d.std() > 0 and adv.std() > 0 else math.nan
+            rows.append({"state": k1, "s": s_val, "tau": tau_val, "corr": corr, "mean_diff": float(d.mean())})
+    return rows
+
+
+def format_probe(rows: list[dict]) -> str:
+    """One line per row: `x_<state>  s  tau  corr  mean(l - l_ref)`."""
+    out = ["state  s      tau   corr(A, l - l_ref)  mean(l - l_ref)"]
+    for r in rows:
+        out.append(
+            f"x_{r['state']}    {r['s']:.3f}  {r['tau']:.2f}  {r['corr']:+.3f}              {r['mean_diff']:+.2e}"
+        )
+    return "\n".join(out)

@@ -1,0 +1,73 @@
+"""Learned-reward diagnostics: the best-of-k ceiling and the surrogate preference probe."""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from kernels.reference import velocity_target_mse_ref
+from tdm_r1.diagnostics import best_of_k, format_probe, preference_probe
+
+
+def test_best_of_k_hand_computed():
+    r = torch.tensor([[0.2, 0.9, 0.5, 1.0], [0.7, 0.1, 0.3, 0.4]])
+    assert best_of_k(r) == pytest.approx({1: 0.45, 2: 0.8, 4: 0.85})
+
+
+def test_best_of_k_group_not_a_power_of_two_and_nan_scores():
+    r = torch.tensor([[math.nan, 0.5, 0.1], [0.3, math.nan, 0.9]])
+    # k = 1: the first prompt has no score yet and is left out; a NaN never wins
+    assert best_of_k(r) == pytest.approx({1: 0.3, 2: 0.4, 3: 0.7})
+    with pytest.raises(ValueError, match=r"rewards \[P, G\]"):
+        best_of_k(torch.ones(4))
+
+
+def _probe_batch(n_groups=4, group=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn((n_groups * group, 1, 4, 8), generator=g)  # the final state x_K at s = 0
+    xs = torch.stack([torch.randn_like(x0), x0])
+    adv = torch.randn(n_groups * group, generator=g)
+    group_ids = torch.arange(n_groups).repeat_interleave(group)
+    traj = SimpleNamespace(xs=xs, s=torch.tensor([1.0, 0.0]))
+    return SimpleNamespace(traj=traj, adv=adv, group_ids=group_ids, cond=None), x0, n_groups
+
+
+def test_probe_of_a_surrogate_that_denoises_exactly_the_good_samples():
+    """Surrogate = the exact velocity target on samples with A > 0 and 0 elsewhere, reference = 0: l - l_ref is
+    -l_ref on the good samples and 0 on the others; the probe must report that difference's mean and its
+    correlation with A (computed here with the fp32 reference op and numpy)."""
+    batch, x0, n_groups = _probe_batch()
+    good = batch.adv > 0
+
+    def surrogate(x_tau, tau, cond):  # at s = 0: v* = n - x0 = (x_tau - x0) / tau
+        v_star = (x_tau - x0) / tau.view(-1, 1, 1, 1)
+        return torch.where(good.view(-1, 1, 1, 1), v_star, torch.zeros_like(v_star))
+
+    roles = SimpleNamespace(
+        surrogate=SimpleNamespace(velocity=surrogate),
+        reference=SimpleNamespace(velocity=lambda x_tau, tau, cond: torch.zeros_like(x_tau)),
+    )
+    rows = preference_probe(roles, batch, (0.3, 0.8), torch.Generator().manual_seed(5), states=(1,))
+    g = torch.Generator().manual_seed(5)
+    expected = []
+    for tau in (0.3, 0.8):
+        noise = torch.randn((n_groups, *x0.shape[1:]), generator=g)[batch.group_ids]
+        l_ref = velocity_target_mse_ref(x0, noise, 0.0, tau, torch.zeros_like(x0))
+        d = torch.where(good, -l_ref, torch.zeros_like(l_ref)).numpy()
+        expected.append((float(np.corrcoef(batch.adv.numpy(), d)[0, 1]), float(d.mean())))
+    assert [(r["state"], r["tau"]) for r in rows] == [(1, 0.3), (1, 0.8)]
+    for row, (corr, mean) in zip(rows, expected):
+        assert row["corr"] == pytest.approx(corr, abs=1e-5) and corr < -0.3
+        assert row["mean_diff"] == pytest.approx(mean, rel=1e-5)
+    assert format_probe(rows).splitlines()[1].split()[:3] == ["x_1", "0.000", "0.30"]
+
+
+def test_probe_of_a_surrogate_equal_to_the_reference():
+    batch, _, _ = _probe_batch()
+    same = SimpleNamespace(velocity=lambda x_tau, tau, cond: 0.5 * x_tau)
+    rows = preference_probe(SimpleNamespace(surrogate=same, reference=same), batch, (0.05, 0.5), torch.Generator())
+    # the state at s = 1 has no tau above it; at s = 0 both taus, with no difference and so no correlation
+    assert [(r["state"], r["tau"]) for r in rows] == [(1, 0.05), (1, 0.5)]
+    assert all(r["mean_diff"] == 0.0 and math.isnan(r["corr"]) for r in rows)
