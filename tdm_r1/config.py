@@ -123,6 +123,9 @@ class RolesConfig:
     fake_init: str | None = None
     lora_rank: int = 32
     lora_alpha: float = 64.0
+    # The surrogate's (and its slow copy's) own adapter rank; None = lora_rank. Its alpha keeps the same
+    # alpha / rank scale, so a smaller rank changes capacity, not the step size.
+    surrogate_lora_rank: int | None = None
     # Regex (full match on module names) of the linear layers that get adapters: the DiT blocks'
     # attention qkv/proj and MLP fc1/fc2 (the prompt encoder's blocks are "text_blocks.*" and stay frozen).
     lora_targets: str = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"

@@ -204,10 +204,15 @@ class Roles:
         return {k.replace(f".{r.adapter}.", "."): p.detach().clone() for k, p in named.items() if id(p) in own}
 
 
-def _lora_config(cfg: RolesConfig):
+def _lora_config(cfg: RolesConfig, role: str = "generator"):
+    """The adapter settings of one role: the surrogate and its slow copy may have their own rank."""
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, lora_dropout=0.0)
+    rank = cfg.lora_rank
+    if role in ("surrogate", "slow_surrogate") and cfg.surrogate_lora_rank is not None:
+        rank = cfg.surrogate_lora_rank
+    alpha = cfg.lora_alpha * rank / cfg.lora_rank
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=cfg.lora_targets, lora_dropout=0.0)
 
 
 def _build_lora(
@@ -221,10 +226,9 @@ def _build_lora(
     from peft import get_peft_model
 
     base = copy.deepcopy(teacher).eval()
-    lcfg = _lora_config(cfg)
-    peft = get_peft_model(base, lcfg, adapter_name=names[0])
+    peft = get_peft_model(base, _lora_config(cfg, names[0]), adapter_name=names[0])
     for n in names[1:]:
-        peft.add_adapter(n, lcfg)
+        peft.add_adapter(n, _lora_config(cfg, n))
     for p in peft.parameters():
         p.requires_grad_(False)
     host = _AdapterHost(peft, {n for n in names if n in TRAINABLE})

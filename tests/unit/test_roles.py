@@ -169,3 +169,26 @@ def test_run_loads_fake_init_from_config(teacher, inputs, tmp_path):
     cfg.roles.fake_init = str(tmp_path / "missing.safetensors")
     with pytest.raises(Exception, match="missing.safetensors"):
         load_run_generator_init(cfg, teacher, field="fake_init")
+
+
+def test_surrogate_lora_rank_is_its_own(teacher, inputs):
+    """roles.surrogate_lora_rank: the surrogate and its slow copy get that rank at the same alpha / rank scale;
+    every other adapter keeps lora_rank, and a saved generator adapter still loads."""
+    cfg = Config(model=MODEL, world=WORLD, roles=RolesConfig(lora_rank=8, lora_alpha=16.0, surrogate_lora_rank=2))
+    roles = build_roles(cfg.roles, teacher)
+    ranks = {}
+    for name, module in roles.host.model.named_modules():
+        if hasattr(module, "lora_A") and "surrogate" in module.lora_A:
+            for adapter, lin in module.lora_A.items():
+                ranks.setdefault(adapter, set()).add(lin.out_features)
+                assert module.scaling[adapter] == pytest.approx(2.0), (name, adapter)  # 16 / 8 == 4 / 2
+    assert ranks == {"generator": {8}, "generator_ema": {8}, "fake": {8}, "surrogate": {2}, "slow_surrogate": {2}}
+    v_t = teacher.velocity(*inputs)
+    assert torch.allclose(roles.surrogate.velocity(*inputs), v_t, atol=1e-6)
+    _perturb(roles.surrogate.parameters())
+    assert not torch.allclose(roles.surrogate.velocity(*inputs), v_t, atol=1e-3)
+    roles.update_shadow("slow_surrogate", 0.0)
+    assert torch.equal(roles.slow_surrogate.velocity(*inputs), roles.surrogate.velocity(*inputs))
+    full_rank = build_roles(RolesConfig(lora_rank=8, lora_alpha=16.0), teacher)
+    with pytest.raises(KeyError, match="surrogate"):
+        full_rank.load_state_tensors(roles.state_tensors())  # a resume with another surrogate rank is refused
