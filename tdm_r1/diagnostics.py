@@ -1,11 +1,14 @@
 """Diagnostics of TDM-R1's learned reward: how much could any reward tilt of a generator gain (best-of-k), and does
 a surrogate prefer the better samples of a group (on the samples it was trained on, and on fresh ones)?
 
-Used by tools/best_of_k.py, tools/surrogate_probe.py and tools/surrogate_fit.py.
+Also where a generator's renderings fail: character errors by position and exact readings by word length.
+
+Used by tools/best_of_k.py, tools/surrogate_probe.py, tools/surrogate_fit.py and tools/error_positions.py.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 
 import torch
@@ -29,6 +32,26 @@ def best_of_k(rewards: Tensor) -> dict[int, float]:
         best = r[:, :k].max(1).values
         out[k] = float(best[torch.isfinite(best)].mean())
     return out
+
+
+def error_positions(words: list[str], readings: list[str]) -> tuple[dict[int, float], dict[int, float]]:
+    """Per target word and its (normalised) OCR reading: a letter of the word is wrong when the longest-matching-block
+    alignment (difflib, no junk heuristic) leaves it unmatched. Returns ({position: error rate over words that long},
+    {word length: exact-reading rate}). Where a reward's variance comes from: errors that grow with the position
+    are a structure shared across words, errors on particular samples are not."""
+    if len(words) != len(readings):
+        raise ValueError(f"error_positions: {len(words)} words but {len(readings)} readings")
+    wrong: dict[int, list[bool]] = {}
+    exact: dict[int, list[bool]] = {}
+    for word, reading in zip(words, readings):
+        matched = set()
+        for a, _, n in difflib.SequenceMatcher(a=word, b=reading, autojunk=False).get_matching_blocks():
+            matched.update(range(a, a + n))
+        for i in range(len(word)):
+            wrong.setdefault(i, []).append(i not in matched)
+        exact.setdefault(len(word), []).append(reading == word)
+    by_pos = {i: sum(v) / len(v) for i, v in sorted(wrong.items())}
+    return by_pos, {n: sum(v) / len(v) for n, v in sorted(exact.items())}
 
 
 @torch.no_grad()

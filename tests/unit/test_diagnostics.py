@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels.reference import velocity_target_mse_ref
-from tdm_r1.diagnostics import best_of_k, format_probe, preference_probe
+from tdm_r1.diagnostics import best_of_k, error_positions, format_probe, preference_probe
 
 
 def test_best_of_k_hand_computed():
@@ -71,3 +71,16 @@ def test_probe_of_a_surrogate_equal_to_the_reference():
     # the state at s = 1 has no tau above it; at s = 0 both taus, with no difference and so no correlation
     assert [(r["state"], r["tau"]) for r in rows] == [(1, 0.05), (1, 0.5)]
     assert all(r["mean_diff"] == 0.0 and math.isnan(r["corr"]) for r in rows)
+
+
+def test_error_positions_hand_computed():
+    words = ["ABC", "ABC", "ABCD", "AB"]
+    readings = ["ABC", "ABX", "AXCD", ""]  # exact; 3rd letter wrong; 2nd wrong; nothing read
+    by_pos, by_len = error_positions(words, readings)
+    # position 0: wrong only in "" (1 of 4); 1: "AXCD" and "" (2 of 4); 2: "ABX" (1 of 3); 3: none of 1
+    assert by_pos == {0: 0.25, 1: 0.5, 2: pytest.approx(1 / 3), 3: 0.0}
+    assert by_len == {2: 0.0, 3: 0.5, 4: 0.0}
+    by_pos, _ = error_positions(["ABCDE"], ["ABDE"])  # a dropped letter is the only error
+    assert by_pos == {0: 0.0, 1: 0.0, 2: 1.0, 3: 0.0, 4: 0.0}
+    with pytest.raises(ValueError, match="2 words but 1 readings"):
+        error_positions(["A", "B"], ["A"])
