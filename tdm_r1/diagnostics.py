@@ -8,6 +8,7 @@ Used by tools/best_of_k.py, tools/surrogate_probe.py, tools/surrogate_fit.py and
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import math
 
@@ -87,3 +88,27 @@ def format_probe(rows: list[dict]) -> str:
             f"x_{r['state']}    {r['s']:.3f}  {r['tau']:.2f}  {r['corr']:+.3f}              {r['mean_diff']:+.2e}"
         )
     return "\n".join(out)
+
+
+def checkpoint_tool_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every checkpoint-sampling tool shares: --checkpoint, --nfe, --cfg, --seed, --set."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="a model checkpoint (teacher, student, generator.safetensors)")
+    ap.add_argument("--nfe", type=int, default=4)
+    ap.add_argument("--cfg", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return ap
+
+
+def load_checkpoint_tool(args: argparse.Namespace):
+    """(model, world, cfg) for a checkpoint tool: the checkpoint's world, then --set; threads applied."""
+    from tdm_r1.checkpoint import load_model
+    from tdm_r1.config import load_config, to_dict
+    from tdm_r1.worlds.ocr import build_world
+
+    model, world_cfg, _ = load_model(args.checkpoint)
+    cfg = load_config(None, args.overrides, base={"world": to_dict(world_cfg)})
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    return model, build_world(cfg.world), cfg

@@ -10,34 +10,18 @@ its better samples; a held-out target above the best-of-G value asks it to rende
 
 from __future__ import annotations
 
-import argparse
-
-import torch
-
-from tdm_r1.checkpoint import load_model
-from tdm_r1.config import load_config, to_dict
-from tdm_r1.diagnostics import best_of_k
+from tdm_r1.diagnostics import best_of_k, checkpoint_tool_parser, load_checkpoint_tool
 from tdm_r1.evaluate import build_eval_reward, eval_words, generate
 from tdm_r1.rewards.base import score_images
-from tdm_r1.worlds.ocr import build_world
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="a model checkpoint (teacher, student, generator.safetensors)")
-    ap.add_argument("--nfe", type=int, default=4)
-    ap.add_argument("--cfg", type=float, default=1.0)
+    ap = checkpoint_tool_parser(__doc__)
     ap.add_argument("--words", type=int, default=64, help="the first N held-out words")
     ap.add_argument("--samples", type=int, default=16, help="G samples per word")
-    ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
 
-    model, world_cfg, _ = load_model(args.checkpoint)
-    cfg = load_config(None, args.overrides, base={"world": to_dict(world_cfg)})
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    world = build_world(cfg.world)
+    model, world, cfg = load_checkpoint_tool(args)
     words = eval_words(world, "heldout", cfg.eval.n_train, cfg.eval.seed)[: args.words]
     rep = [w for w in words for _ in range(args.samples)]
     images = generate(model, world, rep, args.nfe, args.cfg, cfg.tdm.shift, args.seed, cfg.eval.batch_size)

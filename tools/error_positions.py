@@ -9,17 +9,11 @@ word length, with the same OCR on the world's own renders of the same words as t
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
-import torch
 
-from tdm_r1.checkpoint import load_model
-from tdm_r1.config import load_config, to_dict
-from tdm_r1.diagnostics import error_positions
+from tdm_r1.diagnostics import checkpoint_tool_parser, error_positions, load_checkpoint_tool
 from tdm_r1.evaluate import build_eval_reward, generate
 from tdm_r1.rewards.ocr import normalise_text
-from tdm_r1.worlds.ocr import build_world
 
 
 def report(tag: str, words: list[str], readings: list[str]) -> None:
@@ -30,20 +24,11 @@ def report(tag: str, words: list[str], readings: list[str]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="a model checkpoint (teacher, student, generator.safetensors)")
-    ap.add_argument("--nfe", type=int, default=4)
-    ap.add_argument("--cfg", type=float, default=1.0)
+    ap = checkpoint_tool_parser(__doc__)
     ap.add_argument("--samples", type=int, default=2, help="samples per held-out word")
-    ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
 
-    model, world_cfg, _ = load_model(args.checkpoint)
-    cfg = load_config(None, args.overrides, base={"world": to_dict(world_cfg)})
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    world = build_world(cfg.world)
+    model, world, cfg = load_checkpoint_tool(args)
     reward = build_eval_reward(cfg.reward, world)
     words = [w for w in world.words("heldout") for _ in range(args.samples)]
     images = generate(model, world, words, args.nfe, args.cfg, cfg.tdm.shift, args.seed, cfg.eval.batch_size)

@@ -247,6 +247,23 @@ def test_best_of_k_tool_reports_a_nondecreasing_ceiling(paths, monkeypatch, caps
     assert all(a[1] <= b[1] for a, b in zip(best, best[1:])) and all(0.0 <= v <= 1.0 for _, v in best)
 
 
+def test_error_positions_tool_reports_rates_and_the_worlds_renders(paths, monkeypatch, capsys):
+    import sys
+
+    argv = ["error_positions", "--checkpoint", str(paths / "teacher.safetensors"), "--samples", "2"]
+    argv += ["--set", f"world.heldout_words={paths / 'heldout.txt'}", "--set", "threads=1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    _tool("error_positions").main()
+    out = capsys.readouterr().out.splitlines()
+    n_words = len((paths / "heldout.txt").read_text().split())
+    assert out[0].endswith(f"{2 * n_words} samples") and out[3] == f"the world's renders: {2 * n_words} samples"
+    for line in (out[1], out[2], out[4], out[5]):
+        rates = [float(c.split(":")[1]) for c in line.split(":", 1)[1].split()]
+        assert rates and all(0.0 <= r <= 1.0 for r in rates)
+    positions = [int(c.split(":")[0]) for c in out[1].split(":", 1)[1].split()]
+    assert positions == list(range(1, len(positions) + 1))
+
+
 def test_baselines_cache_follows_checkpoint_contents_not_paths(paths, tmp_path):
     cfg0 = make_cfg(paths, tmp_path / "a")
     teacher = ckpt.load_model(cfg0.roles.teacher)[0]
