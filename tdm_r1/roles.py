@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tdm_r1.config import RolesConfig
+from tdm_r1.config import ConfigError, RolesConfig
 from tdm_r1.models.base import Cond
 
 TRAINABLE = ("generator", "fake", "surrogate")
@@ -211,6 +211,8 @@ def _lora_config(cfg: RolesConfig, role: str = "generator"):
     rank = cfg.lora_rank
     if role in ("surrogate", "slow_surrogate") and cfg.surrogate_lora_rank is not None:
         rank = cfg.surrogate_lora_rank
+        if rank < 1:
+            raise ConfigError(f"roles.surrogate_lora_rank must be >= 1 (or unset: roles.lora_rank), got {rank}")
     alpha = cfg.lora_alpha * rank / cfg.lora_rank
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=cfg.lora_targets, lora_dropout=0.0)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tdm_r1.checkpoint import read_adapter, save_adapter
-from tdm_r1.config import Config, ModelConfig, RolesConfig, WorldConfig
+from tdm_r1.config import Config, ConfigError, ModelConfig, RolesConfig, WorldConfig
 from tdm_r1.models.tiny_dit import build_tiny_dit
 from tdm_r1.roles import build_roles
 
@@ -173,7 +173,7 @@ def test_run_loads_fake_init_from_config(teacher, inputs, tmp_path):
 
 def test_surrogate_lora_rank_is_its_own(teacher, inputs):
     """roles.surrogate_lora_rank: the surrogate and its slow copy get that rank at the same alpha / rank scale;
-    every other adapter keeps lora_rank, and a saved generator adapter still loads."""
+    every other adapter keeps lora_rank, and a generator adapter saved at lora_rank still loads."""
     cfg = Config(model=MODEL, world=WORLD, roles=RolesConfig(lora_rank=8, lora_alpha=16.0, surrogate_lora_rank=2))
     roles = build_roles(cfg.roles, teacher)
     ranks = {}
@@ -192,3 +192,9 @@ def test_surrogate_lora_rank_is_its_own(teacher, inputs):
     full_rank = build_roles(RolesConfig(lora_rank=8, lora_alpha=16.0), teacher)
     with pytest.raises(KeyError, match="surrogate"):
         full_rank.load_state_tensors(roles.state_tensors())  # a resume with another surrogate rank is refused
+    _perturb(full_rank.generator.parameters())
+    student = full_rank.adapter_tensors("generator")
+    b = build_roles(cfg.roles, teacher, generator_init=student)
+    assert torch.equal(b.generator.velocity(*inputs), full_rank.generator.velocity(*inputs))
+    with pytest.raises(ConfigError, match="surrogate_lora_rank must be >= 1"):
+        build_roles(RolesConfig(surrogate_lora_rank=0), teacher)
