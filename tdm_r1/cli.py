@@ -135,9 +135,11 @@ def _read_prompt_words(path: str, world) -> list[str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tdm_r1.evaluate import build_eval_reward, eval_words, evaluate
+    from tdm_r1.evaluate import build_eval_reward, eval_words, evaluate, evaluate_seeds
     from tdm_r1.report import save_grid
 
+    if args.seeds < 1:
+        raise ConfigError(f"eval: --seeds must be >= 1, got {args.seeds}")
     model, world, cfg, info = _eval_setup(args)
     words = (
         _read_prompt_words(args.prompts, world)
@@ -148,7 +150,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     guidance = args.cfg if args.cfg is not None else cfg.sample.cfg
     shift = args.shift if args.shift is not None else cfg.sample.shift
     reward = build_eval_reward(cfg.reward, world)
-    result, images = evaluate(model, world, reward, words, nfe, guidance, shift, cfg.eval, args.solver)
+    result, images = evaluate_seeds(
+        lambda ecfg: evaluate(model, world, reward, words, nfe, guidance, shift, ecfg, args.solver),
+        cfg.eval,
+        args.seeds,
+    )
     result.update(
         {
             "checkpoint": str(args.checkpoint),
@@ -292,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--split", choices=["train", "heldout"], default="heldout")
     group.add_argument("--prompts", help="file with one word per line (UTF-8, the world's alphabet)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="evaluate at eval.seed, eval.seed + 1, ...: pooled mean, each seed's mean and their standard error",
+    )
     p.add_argument("--out", required=True, help="output JSON path; the grid goes to the same path with .png")
     p.set_defaults(func=cmd_eval)
 

@@ -4,7 +4,10 @@ perfect scores. The toy world is scored by OCR (`ocr_mean`, `ocr_exact`); a diff
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -80,6 +83,40 @@ def evaluate(
         f"seconds_{metric}": round(time.time() - t1, 2),
     }
     return result, images
+
+
+def evaluate_seeds(
+    run: Callable[[EvalConfig], tuple[dict, torch.Tensor]], ecfg: EvalConfig, seeds: int, metric: str = "ocr"
+) -> tuple[dict, torch.Tensor]:
+    """`run` (an `evaluate` call given its EvalConfig) at the eval seeds ecfg.seed, ecfg.seed + 1, ... (`seeds` of
+    them): <metric>_mean / _exact pooled over every scored sample, each seed's mean (<metric>_mean_per_seed) and the
+    standard error of the mean across seeds (<metric>_mean_sem): one seed's 256 samples move a checkpoint's mean by
+    about +-0.01, as much as the gains one compares. Images are the first seed's; seeds == 1 is `run` itself."""
+    if seeds < 1:
+        raise ValueError(f"eval: --seeds must be >= 1, got {seeds}")
+    runs = [run(dataclasses.replace(ecfg, seed=ecfg.seed + i)) for i in range(seeds)]
+    if seeds == 1:
+        return runs[0]
+    results = [r for r, _ in runs]
+    n = sum(r["n"] for r in results)
+
+    def pooled(key: str) -> float:
+        return sum(r[key] * r["n"] for r in results if r["n"]) / n if n else float("nan")
+
+    means = [r[f"{metric}_mean"] for r in results]
+    out = dict(results[0])
+    out |= {
+        f"{metric}_mean": pooled(f"{metric}_mean"),
+        f"{metric}_exact": pooled(f"{metric}_exact"),
+        "n": n,
+        "n_failed": sum(r["n_failed"] for r in results),
+        "seconds_sampling": round(sum(r["seconds_sampling"] for r in results), 2),
+        f"seconds_{metric}": round(sum(r[f"seconds_{metric}"] for r in results), 2),
+        "seeds": [ecfg.seed + i for i in range(seeds)],
+        f"{metric}_mean_per_seed": means,
+        f"{metric}_mean_sem": float(np.std(means, ddof=1) / math.sqrt(seeds)),
+    }
+    return out, runs[0][1]
 
 
 def build_eval_reward(rcfg: RewardConfig, world: OCRWorld) -> OCRReward:

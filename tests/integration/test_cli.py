@@ -72,6 +72,29 @@ def test_eval_on_prompt_file_writes_json_and_grid(teacher, tmp_path):
     assert out.with_suffix(".png").is_file()
 
 
+def test_eval_over_seeds_pools_the_single_seed_runs(teacher, tmp_path, capsys):
+    words = tmp_path / "words.txt"
+    words.write_text("CAT\nDOG\nQUIZ\nAB\n")
+    base = ["eval", "--checkpoint", str(teacher / "teacher.safetensors"), "--prompts", str(words), "--nfe", "2"]
+    single = []
+    for seed in (5, 6):
+        out = tmp_path / f"s{seed}.json"
+        assert main([*base, "--set", f"eval.seed={seed}", "--out", str(out)]) == 0
+        single.append(json.loads(out.read_text()))
+    out = tmp_path / "both.json"
+    assert main([*base, "--set", "eval.seed=5", "--seeds", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    a, b = (r["ocr_mean"] for r in single)
+    assert res["seeds"] == [5, 6] and res["ocr_mean_per_seed"] == [a, b]
+    n = [r["n"] for r in single]
+    assert res["n"] == sum(n) == 8
+    assert res["ocr_mean"] == pytest.approx((a * n[0] + b * n[1]) / sum(n))
+    assert res["ocr_exact"] == pytest.approx((single[0]["ocr_exact"] * n[0] + single[1]["ocr_exact"] * n[1]) / sum(n))
+    assert res["ocr_mean_sem"] == pytest.approx(abs(a - b) / 2)  # sample std of two / sqrt(2)
+    assert main([*base, "--seeds", "0", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--seeds must be >= 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "content, pattern", [(b"CAT\nd0g\n", "words.txt:2:"), (b"", "empty"), (b"\xff\n", ":1: not valid UTF-8")]
 )
