@@ -100,6 +100,13 @@ class EvalConfig:
     n_train: int = 256  # train-split words evaluated (a fixed, seeded subset)
     batch_size: int = 128
     seed: int = 1234
+    # Eval seeds (seed, seed + 1, ...) of each row of a train run's summary. One seed's 256 samples move a mean by
+    # about +-0.01, the size of the gains compared; > 1 adds each seed's mean, their standard error and the paired
+    # per-seed gain of TDM-R1 over its starting generator (summary "gain_4nfe").
+    seeds: int = 1
+    # Seeds of the teacher's many-step CFG row (2 x sample.nfe forwards per sample: 8-16x the cost of a 4-NFE row,
+    # and 0.04+ away from the rows compared); None = seeds.
+    reference_seeds: int | None = None
     grid_rows: int = 8
     grid_cols: int = 8
 

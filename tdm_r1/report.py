@@ -100,18 +100,25 @@ def report_markdown(summary: dict, ablations: dict[str, dict] | None = None, tit
     lines = [
         f"# {title}",
         "",
-        f"Held-out {what}.",
+        f"Held-out {what}; a row evaluated at several eval seeds pools them (n samples) and gives the standard error "
+        "of its per-seed means.",
         "",
         f"| model | {m}_mean | {m}_exact | n |",
         "|---|---|---|---|",
     ]
+
+    def row(name: str, r: dict) -> str:
+        mean = f"{r[f'{m}_mean']:.3f}"
+        if f"{m}_mean_sem" in r:
+            mean += f" +- {r[f'{m}_mean_sem']:.3f} ({len(r['seeds'])} seeds)"
+        return f"| {name} | {mean} | {r[f'{m}_exact']:.3f} | {r['n']} |"
+
     for key, name in ROWS:
         if key in summary:
-            r = summary[key]
-            lines.append(f"| {name} | {r[f'{m}_mean']:.3f} | {r[f'{m}_exact']:.3f} | {r['n']} |")
+            lines.append(row(name, summary[key]))
     for name, s in (ablations or {}).items():
-        r = s["tdm_r1_4nfe"]
-        lines.append(f"| ablation: {name}, 4 NFE | {r[f'{m}_mean']:.3f} | {r[f'{m}_exact']:.3f} | {r['n']} |")
+        lines.append(row(f"ablation: {name}, 4 NFE", s["tdm_r1_4nfe"]))
+    lines += ["", gain_line(summary.get("gain_4nfe"), m)] if summary.get("gain_4nfe") else []
     lines += [
         "",
         f"Epochs: {summary.get('epochs')}; wall-clock: {summary.get('minutes')} min; "
@@ -125,6 +132,20 @@ def report_markdown(summary: dict, ablations: dict[str, dict] | None = None, tit
         "",
     ]
     return "\n".join(lines)
+
+
+def gain_line(gain: dict, metric: str = "ocr") -> str:
+    """The TDM-R1 row minus the starting generator's, with the paired per-seed standard error when there is one."""
+    text = f"Gain of TDM-R1 over the starting 4-step generator: {gain[f'{metric}_mean']:+.4f}"
+    if "sem" in gain:
+        per = " ".join(f"{d:+.3f}" for d in gain["per_seed"])
+        text += (
+            f" +- {gain['sem']:.4f} (standard error of the paired per-seed differences; "
+            f"{gain['seeds_positive']}/{len(gain['per_seed'])} seeds positive: {per})"
+        )
+    else:
+        text += " (one eval seed, no error estimate: set eval.seeds > 1 for one)"
+    return text + "."
 
 
 class RunReporter:

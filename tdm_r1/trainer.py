@@ -391,23 +391,66 @@ def update_phase(
 
 
 def evaluate_role(
-    role, world, cfg: Config, words: list[str], nfe: int, guidance: float, state: dict, dist: Dist = LOCAL
+    role,
+    world,
+    cfg: Config,
+    words: list[str],
+    nfe: int,
+    guidance: float,
+    state: dict,
+    dist: Dist = LOCAL,
+    seeds: int = 1,
 ) -> tuple[dict, Tensor]:
-    """Sample and score: the toy world by OCR, a diffusers run by its configured rewards (`eval_metric`). Distributed:
+    """Sample and score: the toy world by OCR, a diffusers run by its configured rewards (`eval_metric`), at `seeds`
+    eval seeds from cfg.eval.seed (`evaluate_seeds`: > 1 adds per-seed means and their standard error). Distributed:
     every rank samples (partitioned roles run collectively), rank 0 scores and shares the result."""
     from tdm_r1.build import is_diffusers
-    from tdm_r1.evaluate import build_eval_reward, evaluate, generate
+    from tdm_r1.evaluate import evaluate, evaluate_seeds, generate
 
     if not dist.is_main:
-        images = generate(role, world, words, nfe, guidance, cfg.tdm.shift, cfg.eval.seed, cfg.eval.batch_size)
-        return dist.broadcast_object(None), images
+        images = [
+            generate(role, world, words, nfe, guidance, cfg.tdm.shift, cfg.eval.seed + i, cfg.eval.batch_size)
+            for i in range(seeds)
+        ]
+        return dist.broadcast_object(None), images[0]
     if "reward" not in state:
+        from tdm_r1.evaluate import build_eval_reward
+
         state["reward"] = build_train_scorer(cfg, world) if is_diffusers(cfg) else build_eval_reward(cfg.reward, world)
     metric = eval_metric(cfg)
-    result, images = evaluate(
-        role, world, state["reward"], words, nfe, guidance, cfg.tdm.shift, cfg.eval, metric=metric
-    )
+
+    def one(ecfg) -> tuple[dict, Tensor]:
+        return evaluate(role, world, state["reward"], words, nfe, guidance, cfg.tdm.shift, ecfg, metric=metric)
+
+    result, images = evaluate_seeds(one, cfg.eval, seeds, metric)
     return dist.broadcast_object(result), images
+
+
+def eval_seeds(cfg: Config) -> tuple[int, int]:
+    """(seeds of the 4-NFE rows, seeds of the teacher's many-step row) from cfg.eval; < 1 is an error naming the field."""
+    from tdm_r1.config import ConfigError
+
+    ref = cfg.eval.seeds if cfg.eval.reference_seeds is None else cfg.eval.reference_seeds
+    for name, value in (("eval.seeds", cfg.eval.seeds), ("eval.reference_seeds", ref)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    return cfg.eval.seeds, ref
+
+
+def paired_gain(start: dict, final: dict, metric: str = "ocr") -> dict:
+    """final - start in <metric>_mean; when both were evaluated at the same seeds, each seed's difference, their
+    standard error (the paired comparison: both models see the same noise and prompts per seed) and how many are
+    positive."""
+    key = f"{metric}_mean"
+    gain = {key: final[key] - start[key]}
+    per_key = f"{key}_per_seed"
+    if per_key in start and per_key in final and start.get("seeds") == final.get("seeds"):
+        per = [b - a for a, b in zip(start[per_key], final[per_key])]
+        k = len(per)
+        mean = sum(per) / k
+        sem = math.sqrt(sum((d - mean) ** 2 for d in per) / (k - 1) / k)
+        gain |= {"seeds": start["seeds"], "per_seed": per, "sem": sem, "seeds_positive": sum(d > 0 for d in per)}
+    return gain
 
 
 def eval_metric(cfg: Config) -> str:
@@ -445,17 +488,20 @@ def baseline_evals(cfg: Config, roles: Roles, world, words: list[str], state: di
         "words": len(words),
         "seed": cfg.eval.seed,
         "sampling": [cfg.sample.nfe, cfg.sample.cfg, cfg.tdm.steps, cfg.tdm.shift],
+        "seeds": list(eval_seeds(cfg)),
     }
     cached = json.loads(path.read_text()) if dist.is_main and path.is_file() else None
     cached = dist.broadcast_object(cached)
     if cached is not None and cached.get("key") == key:
         return cached["results"]
+    seeds, ref_seeds = eval_seeds(cfg)
+    k = cfg.tdm.steps
     results = {
         "teacher_32nfe_cfg": evaluate_role(
-            roles.reference, world, cfg, words, cfg.sample.nfe, cfg.sample.cfg, state, dist
+            roles.reference, world, cfg, words, cfg.sample.nfe, cfg.sample.cfg, state, dist, ref_seeds
         )[0],
-        "teacher_4nfe": evaluate_role(roles.reference, world, cfg, words, cfg.tdm.steps, 1.0, state, dist)[0],
-        "tdm_4nfe": evaluate_role(roles.generator_ema, world, cfg, words, cfg.tdm.steps, 1.0, state, dist)[0],
+        "teacher_4nfe": evaluate_role(roles.reference, world, cfg, words, k, 1.0, state, dist, seeds)[0],
+        "tdm_4nfe": evaluate_role(roles.generator_ema, world, cfg, words, k, 1.0, state, dist, seeds)[0],
     }
     if dist.is_main:
         path.write_text(json.dumps({"key": key, "results": results}, indent=2) + "\n")
@@ -609,6 +655,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     from tdm_r1.roles import build_roles
 
     tc, run = cfg.train, Path(cfg.run_dir)
+    eval_seeds(cfg)  # a bad eval field fails now, not after the epochs
     dist = distributed.init(cfg.distributed, cfg.optim)
     split = distributed.epoch_split(tc, dist, cfg.distributed.micro_batch_per_gpu)
     torch.manual_seed(cfg.seed)
@@ -690,10 +737,14 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         scorer.close()
     minutes = round((time.time() - t_start) / 60, 2)
     generator = _export_generator(cfg, roles, teacher, progress.step, minutes, dist)
-    final, images = evaluate_role(roles.generator_ema, world, cfg, heldout, cfg.tdm.steps, 1.0, eval_state, dist)
+    final, images = evaluate_role(
+        roles.generator_ema, world, cfg, heldout, cfg.tdm.steps, 1.0, eval_state, dist, eval_seeds(cfg)[0]
+    )
+    m = eval_metric(cfg)
     summary = {
         **baselines,
         "tdm_r1_4nfe": final,
+        **({"gain_4nfe": paired_gain(baselines["tdm_4nfe"], final, m)} if "tdm_4nfe" in baselines else {}),
         "minutes": minutes,
         "checkpoint": str(generator),
         "epochs": progress.step,
@@ -702,6 +753,5 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         reporter.grid(images, "samples_end.png")
         (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         reporter.finish(summary)
-    m = eval_metric(cfg)
     dist.print(f"train: wrote {generator} after {minutes:.1f} min; held-out {m}_mean {final[f'{m}_mean']:.3f}")
     return summary

@@ -8,7 +8,7 @@ import torch
 from utils import TINY, role_named_parameters, save_tiny_teacher
 
 from tdm_r1 import checkpoint as ckpt
-from tdm_r1.config import load_config
+from tdm_r1.config import ConfigError, load_config
 from tdm_r1.distill import PromptStream, build_optimizers
 from tdm_r1.rewards import build_reward, register_reward
 from tdm_r1.rewards.base import RewardFailureError
@@ -293,3 +293,29 @@ def test_baselines_cache_follows_checkpoint_contents_not_paths(paths, tmp_path):
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith("seconds")}
     assert strip(second["tdm_4nfe"]) == strip(fresh["tdm_4nfe"])
     assert strip(first["teacher_4nfe"]) == strip(second["teacher_4nfe"])
+
+
+def test_summary_rows_at_several_eval_seeds_and_the_paired_gain(paths, tmp_path):
+    extra = ("train.epochs=1", "train.eval_baselines=true", "sample.nfe=2")
+    one = train(make_cfg(paths, tmp_path / "one", *extra))
+    two = train(make_cfg(paths, tmp_path / "two", *extra, "eval.seeds=2", "eval.reference_seeds=1"))
+    assert "seeds" not in two["teacher_32nfe_cfg"] and "ocr_mean_sem" not in one["tdm_r1_4nfe"]
+    assert two["teacher_32nfe_cfg"]["ocr_mean"] == one["teacher_32nfe_cfg"]["ocr_mean"]
+    for key in ("teacher_4nfe", "tdm_4nfe", "tdm_r1_4nfe"):
+        r = two[key]
+        assert r["seeds"] == [1234, 1235] and r["n"] == 2 * one[key]["n"]
+        # the first seed is the single-seed run's evaluation (same training: eval does not touch the stream)
+        assert r["ocr_mean_per_seed"][0] == pytest.approx(one[key]["ocr_mean"], abs=1e-6)
+        assert r["ocr_mean"] == pytest.approx(sum(r["ocr_mean_per_seed"]) / 2, abs=1e-6)
+    gain = two["gain_4nfe"]
+    per = [b - a for a, b in zip(two["tdm_4nfe"]["ocr_mean_per_seed"], two["tdm_r1_4nfe"]["ocr_mean_per_seed"])]
+    assert gain["per_seed"] == pytest.approx(per) and gain["sem"] == pytest.approx(abs(per[0] - per[1]) / 2)
+    assert one["gain_4nfe"] == {"ocr_mean": pytest.approx(one["tdm_r1_4nfe"]["ocr_mean"] - one["tdm_4nfe"]["ocr_mean"])}
+    assert "(2 seeds)" in (tmp_path / "two" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("field", ["eval.seeds", "eval.reference_seeds"])
+def test_eval_seeds_below_one_fail_before_training(paths, tmp_path, field):
+    with pytest.raises(ConfigError, match=f"{field} must be >= 1, got 0"):
+        train(make_cfg(paths, tmp_path / "run", f"{field}=0"))
+    assert not (tmp_path / "run").exists()

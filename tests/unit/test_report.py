@@ -1,6 +1,9 @@
 """Run reports: the curve's held-out points and the report table."""
 
+import pytest
+
 from tdm_r1.report import plot_curves, report_markdown, summary_points
+from tdm_r1.trainer import paired_gain
 
 
 def _eval(v, exact=0.5):
@@ -25,3 +28,30 @@ def test_curve_and_table_are_written(tmp_path):
     text = report_markdown(summary, {"direct_rl": {"tdm_r1_4nfe": _eval(0.741, 0.383)}})
     assert "| TDM-R1, 4 NFE | 0.784 | 0.445 | 4 |" in text
     assert "| ablation: direct_rl, 4 NFE | 0.741 | 0.383 | 4 |" in text
+
+
+def test_rows_with_several_seeds_show_their_standard_error_and_the_paired_gain():
+    start = {**_eval(0.77), "seeds": [1, 2], "ocr_mean_per_seed": [0.76, 0.78], "ocr_mean_sem": 0.01}
+    final = {**_eval(0.80), "seeds": [1, 2], "ocr_mean_per_seed": [0.785, 0.815], "ocr_mean_sem": 0.015}
+    summary = {"tdm_4nfe": start, "tdm_r1_4nfe": final, "gain_4nfe": paired_gain(start, final), "epochs": 2}
+    text = report_markdown(summary)
+    assert "| TDM-R1, 4 NFE | 0.800 +- 0.015 (2 seeds) | 0.500 | 4 |" in text
+    # per seed +0.025 and +0.035: mean +0.03, SE = |a - b| / 2 = 0.005
+    assert "Gain of TDM-R1 over the starting 4-step generator: +0.0300 +- 0.0050" in text
+    assert "2/2 seeds positive: +0.025 +0.035" in text
+    single = {"tdm_4nfe": _eval(0.77), "tdm_r1_4nfe": _eval(0.78)}
+    single["gain_4nfe"] = paired_gain(single["tdm_4nfe"], single["tdm_r1_4nfe"])
+    assert "+0.0100 (one eval seed, no error estimate" in report_markdown(single)
+
+
+def test_paired_gain_differences_per_seed():
+    a = {"ocr_mean": 0.7, "seeds": [5, 6, 7], "ocr_mean_per_seed": [0.70, 0.68, 0.72]}
+    b = {"ocr_mean": 0.72, "seeds": [5, 6, 7], "ocr_mean_per_seed": [0.73, 0.69, 0.74]}
+    g = paired_gain(a, b)
+    assert g["per_seed"] == pytest.approx([0.03, 0.01, 0.02])
+    # differences 0.03, 0.01, 0.02: sample std 0.01, SE 0.01 / sqrt(3)
+    assert g["ocr_mean"] == pytest.approx(0.02) and g["sem"] == pytest.approx(0.01 / 3**0.5)
+    assert g["seeds_positive"] == 3 and g["seeds"] == [5, 6, 7]
+    # rows at other seeds are not paired: only the difference of the means
+    assert paired_gain(a, {**b, "seeds": [1, 2, 3]}) == {"ocr_mean": pytest.approx(0.02)}
+    assert paired_gain({"reward_mean": 1.0}, {"reward_mean": 1.5}, "reward") == {"reward_mean": 0.5}
