@@ -427,7 +427,7 @@ def evaluate_role(
 
 
 def eval_seeds(cfg: Config) -> tuple[int, int]:
-    """(seeds of the 4-NFE rows, seeds of the teacher's many-step row) from cfg.eval; < 1 is an error naming the field."""
+    """(seeds of the K-step rows, seeds of the teacher's many-step row) from cfg.eval; < 1 is an error naming it."""
     from tdm_r1.config import ConfigError
 
     ref = cfg.eval.seeds if cfg.eval.reference_seeds is None else cfg.eval.reference_seeds
