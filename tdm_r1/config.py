@@ -107,6 +107,10 @@ class EvalConfig:
     # Seeds of the teacher's many-step CFG row (2 x sample.nfe forwards per sample: 8-16x the cost of a 4-NFE row,
     # and 0.04+ away from the rows compared); None = seeds.
     reference_seeds: int | None = None
+    # Also evaluate the starting and the final generator on the eval.n_train train-split words (summary rows
+    # tdm_4nfe_train / tdm_r1_4nfe_train and gain_4nfe_train): what the run did on the prompts it trains on, beside
+    # what carried over to held-out ones.
+    train_rows: bool = False
     grid_rows: int = 8
     grid_cols: int = 8
 

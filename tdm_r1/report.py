@@ -118,7 +118,14 @@ def report_markdown(summary: dict, ablations: dict[str, dict] | None = None, tit
             lines.append(row(name, summary[key]))
     for name, s in (ablations or {}).items():
         lines.append(row(f"ablation: {name}, 4 NFE", s["tdm_r1_4nfe"]))
-    lines += ["", gain_line(summary.get("gain_4nfe"), m)] if summary.get("gain_4nfe") else []
+    lines += ["", gain_line(summary["gain_4nfe"], m)] if summary.get("gain_4nfe") else []
+    if "tdm_r1_4nfe_train" in summary:
+        lines += ["", "On the train-split words the run trains on (eval.train_rows):", ""]
+        lines += [f"| model | {m}_mean | {m}_exact | n |", "|---|---|---|---|"]
+        for key, name in (("tdm_4nfe_train", "TDM student, 4 NFE"), ("tdm_r1_4nfe_train", "TDM-R1, 4 NFE")):
+            if key in summary:
+                lines.append(row(name, summary[key]))
+        lines += ["", gain_line(summary["gain_4nfe_train"], m)] if summary.get("gain_4nfe_train") else []
     lines += [
         "",
         f"Epochs: {summary.get('epochs')}; wall-clock: {summary.get('minutes')} min; "

@@ -470,11 +470,24 @@ def build_train_scorer(cfg: Config, world) -> RewardScorer:
     return RewardScorer(rewards, world.metadata_of)
 
 
-def baseline_evals(cfg: Config, roles: Roles, world, words: list[str], state: dict, dist: Dist = LOCAL) -> dict:
-    """Teacher at sample.nfe + CFG and at K steps, and the starting generator at K steps (cached per run; every rank
-    takes rank 0's view of the cache, since evaluating partitioned roles is collective)."""
+def baseline_evals(
+    cfg: Config,
+    roles: Roles,
+    world,
+    words: list[str],
+    state: dict,
+    dist: Dist = LOCAL,
+    train_words: list[str] | None = None,
+) -> dict:
+    """Teacher at sample.nfe + CFG and at K steps, and the starting generator at K steps, on `words`; the starting
+    generator also on `train_words` when given (row tdm_4nfe_train). Cached per run; every rank takes rank 0's view
+    of the cache, since evaluating partitioned roles is collective."""
+    import hashlib
     import json
     from pathlib import Path
+
+    def words_id(ws: list[str] | None) -> str | None:
+        return None if ws is None else hashlib.sha256("\n".join(ws).encode()).hexdigest()[:16]
 
     path = Path(cfg.run_dir) / "baselines.json"
     from tdm_r1.build import content_id, teacher_id, teacher_source
@@ -485,7 +498,8 @@ def baseline_evals(cfg: Config, roles: Roles, world, words: list[str], state: di
         "teacher_id": teacher_id(cfg),
         "generator_init": cfg.roles.generator_init,
         "generator_init_id": content_id(cfg.roles.generator_init),
-        "words": len(words),
+        "words": [len(words), words_id(words)],
+        "train_words": None if train_words is None else [len(train_words), words_id(train_words)],
         "seed": cfg.eval.seed,
         "sampling": [cfg.sample.nfe, cfg.sample.cfg, cfg.tdm.steps, cfg.tdm.shift],
         "seeds": list(eval_seeds(cfg)),
@@ -503,6 +517,10 @@ def baseline_evals(cfg: Config, roles: Roles, world, words: list[str], state: di
         "teacher_4nfe": evaluate_role(roles.reference, world, cfg, words, k, 1.0, state, dist, seeds)[0],
         "tdm_4nfe": evaluate_role(roles.generator_ema, world, cfg, words, k, 1.0, state, dist, seeds)[0],
     }
+    if train_words is not None:
+        results["tdm_4nfe_train"] = evaluate_role(
+            roles.generator_ema, world, cfg, train_words, k, 1.0, state, dist, seeds
+        )[0]
     if dist.is_main:
         path.write_text(json.dumps({"key": key, "results": results}, indent=2) + "\n")
     return results
@@ -689,10 +707,11 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         save_config(cfg, run / "config.yaml")
     scorer = build_train_scorer(cfg, world)
     heldout = eval_words(world, "heldout", cfg.eval.n_train, cfg.eval.seed)
+    train_words = eval_words(world, "train", cfg.eval.n_train, cfg.eval.seed) if cfg.eval.train_rows else None
     # diffusers runs evaluate with the train rewards: the scorer's models serve both (one copy of e.g. PickScore)
     eval_state: dict = {"reward": scorer} if is_diffusers(cfg) else {}
     reporter = RunReporter(run, tensorboard=tc.tensorboard) if dist.is_main else None
-    baselines = baseline_evals(cfg, roles, world, heldout, eval_state, dist) if tc.eval_baselines else {}
+    baselines = baseline_evals(cfg, roles, world, heldout, eval_state, dist, train_words) if tc.eval_baselines else {}
     if progress.step == 0:
         start = evaluate_role(roles.generator_ema, world, cfg, heldout, cfg.tdm.steps, 1.0, eval_state, dist)
         if reporter is not None:
@@ -741,10 +760,17 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         roles.generator_ema, world, cfg, heldout, cfg.tdm.steps, 1.0, eval_state, dist, eval_seeds(cfg)[0]
     )
     m = eval_metric(cfg)
+    rows = {"tdm_r1_4nfe": final}
+    if train_words is not None:
+        rows["tdm_r1_4nfe_train"] = evaluate_role(
+            roles.generator_ema, world, cfg, train_words, cfg.tdm.steps, 1.0, eval_state, dist, eval_seeds(cfg)[0]
+        )[0]
+    for suffix in ("", "_train"):
+        if f"tdm_4nfe{suffix}" in baselines and f"tdm_r1_4nfe{suffix}" in rows:
+            rows[f"gain_4nfe{suffix}"] = paired_gain(baselines[f"tdm_4nfe{suffix}"], rows[f"tdm_r1_4nfe{suffix}"], m)
     summary = {
         **baselines,
-        "tdm_r1_4nfe": final,
-        **({"gain_4nfe": paired_gain(baselines["tdm_4nfe"], final, m)} if "tdm_4nfe" in baselines else {}),
+        **rows,
         "minutes": minutes,
         "checkpoint": str(generator),
         "epochs": progress.step,

@@ -296,12 +296,13 @@ def test_baselines_cache_follows_checkpoint_contents_not_paths(paths, tmp_path):
 
 
 def test_summary_rows_at_several_eval_seeds_and_the_paired_gain(paths, tmp_path):
-    extra = ("train.epochs=1", "train.eval_baselines=true", "sample.nfe=2")
+    extra = ("train.epochs=1", "train.eval_baselines=true", "sample.nfe=2", "eval.train_rows=true", "eval.n_train=3")
     one = train(make_cfg(paths, tmp_path / "one", *extra))
     two = train(make_cfg(paths, tmp_path / "two", *extra, "eval.seeds=2", "eval.reference_seeds=1"))
     assert "seeds" not in two["teacher_32nfe_cfg"] and "ocr_mean_sem" not in one["tdm_r1_4nfe"]
     assert two["teacher_32nfe_cfg"]["ocr_mean"] == one["teacher_32nfe_cfg"]["ocr_mean"]
-    for key in ("teacher_4nfe", "tdm_4nfe", "tdm_r1_4nfe"):
+    assert one["tdm_4nfe"]["n"] == 2 and one["tdm_4nfe_train"]["n"] == one["tdm_r1_4nfe_train"]["n"] == 3
+    for key in ("teacher_4nfe", "tdm_4nfe", "tdm_r1_4nfe", "tdm_4nfe_train", "tdm_r1_4nfe_train"):
         r = two[key]
         assert r["seeds"] == [1234, 1235] and r["n"] == 2 * one[key]["n"]
         # the first seed is the single-seed run's evaluation (same training: eval does not touch the stream)
@@ -311,7 +312,12 @@ def test_summary_rows_at_several_eval_seeds_and_the_paired_gain(paths, tmp_path)
     per = [b - a for a, b in zip(two["tdm_4nfe"]["ocr_mean_per_seed"], two["tdm_r1_4nfe"]["ocr_mean_per_seed"])]
     assert gain["per_seed"] == pytest.approx(per) and gain["sem"] == pytest.approx(abs(per[0] - per[1]) / 2)
     assert one["gain_4nfe"] == {"ocr_mean": pytest.approx(one["tdm_r1_4nfe"]["ocr_mean"] - one["tdm_4nfe"]["ocr_mean"])}
-    assert "(2 seeds)" in (tmp_path / "two" / "report.md").read_text()
+    train_gain = [
+        b - a for a, b in zip(two["tdm_4nfe_train"]["ocr_mean_per_seed"], two["tdm_r1_4nfe_train"]["ocr_mean_per_seed"])
+    ]
+    assert two["gain_4nfe_train"]["per_seed"] == pytest.approx(train_gain)
+    report = (tmp_path / "two" / "report.md").read_text()
+    assert "(2 seeds)" in report and "On the train-split words" in report
 
 
 @pytest.mark.parametrize("field", ["eval.seeds", "eval.reference_seeds"])
