@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from tdm_r1.config import Config, ConfigError, load_config, save_config
@@ -72,6 +74,22 @@ def test_saved_config_round_trips(tmp_path):
 def test_shipped_configs_load():
     cfg = load_config("configs/toy_ocr_teacher.yaml")
     assert cfg.world.name == "ocr"
+    shipped = sorted(Path("configs").glob("*.yaml"))
+    assert len(shipped) >= 6
+    for path in shipped:
+        cfg = load_config(path)
+        if path.name.startswith("toy_ocr_r1"):  # the TDM-R1 configs run from the repository's own files
+            files = (cfg.world.train_words, cfg.world.heldout_words, cfg.roles.teacher, cfg.roles.generator_init)
+            for f in files:
+                assert f is None or Path(f).is_file(), f"{path}: {f}"
+
+
+def test_full_r1_config_trains_on_a_pool_of_train_words():
+    full = load_config("configs/toy_ocr_r1_full.yaml")
+    pool = Path(full.world.train_words).read_text().split()
+    assert pool == Path("configs/words/ocr_train.txt").read_text().split()[:64]
+    assert full.eval.n_train >= len(pool) and full.eval.train_rows and full.eval.seeds > 1
+    assert not set(pool) & set(Path(full.world.heldout_words).read_text().split())
 
 
 def test_exponent_floats_without_a_dot_are_floats(tmp_path):
