@@ -566,6 +566,17 @@ def _resume(path, cfg: Config, progress, roles: Roles, opts: dict, teacher_sha: 
     restore_progress(state, progress)
 
 
+def logged_seconds(path) -> float:
+    """Seconds of the epochs in a run's metrics.jsonl (rollout + update + eval phases of each record)."""
+    import json
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        return 0.0
+    records = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    return sum(r.get(k, 0.0) for r in records for k in ("sec_rollout_reward", "sec_update", "sec_eval"))
+
+
 def _export_generator(cfg: Config, roles: Roles, teacher, epoch: int, minutes: float, dist: Dist = LOCAL):
     """generator.safetensors from the EMA generator (gathered first when partitioned: collective)."""
     from pathlib import Path
@@ -673,6 +684,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     from tdm_r1.roles import build_roles
 
     tc, run = cfg.train, Path(cfg.run_dir)
+    prior_seconds = 0.0  # the epochs of earlier processes of a resumed run (summary "minutes" counts every epoch)
     eval_seeds(cfg)  # a bad eval field fails now, not after the epochs
     dist = distributed.init(cfg.distributed, cfg.optim)
     split = distributed.epoch_split(tc, dist, cfg.distributed.micro_batch_per_gpu)
@@ -699,6 +711,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         _resume(path, cfg, progress, roles, opts, teacher_sha, dist)
         if dist.is_main:
             _truncate_log(run / "metrics.jsonl", progress.step, key="epoch")
+            prior_seconds = logged_seconds(run / "metrics.jsonl")
         dist.print(f"train: resumed from {path} at epoch {progress.step}")
     elif dist.is_main and (moved := archive_previous_run(run)) is not None:
         dist.print(f"train: {run} held an earlier run; its files were moved to {moved}")
@@ -754,7 +767,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
                 _save_state(cfg, progress, roles, opts, teacher_sha, dist)
     finally:
         scorer.close()
-    minutes = round((time.time() - t_start) / 60, 2)
+    minutes = round((dist.broadcast_object(prior_seconds) + time.time() - t_start) / 60, 2)
     generator = _export_generator(cfg, roles, teacher, progress.step, minutes, dist)
     final, images = evaluate_role(
         roles.generator_ema, world, cfg, heldout, cfg.tdm.steps, 1.0, eval_state, dist, eval_seeds(cfg)[0]
