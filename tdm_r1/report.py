@@ -125,6 +125,9 @@ def report_markdown(summary: dict, ablations: dict[str, dict] | None = None, tit
         for key, name in (("tdm_4nfe_train", "TDM student, 4 NFE"), ("tdm_r1_4nfe_train", "TDM-R1, 4 NFE")):
             if key in summary:
                 lines.append(row(name, summary[key]))
+        for name, s in (ablations or {}).items():
+            if "tdm_r1_4nfe_train" in s:
+                lines.append(row(f"ablation: {name}, 4 NFE", s["tdm_r1_4nfe_train"]))
         lines += ["", gain_line(summary["gain_4nfe_train"], m)] if summary.get("gain_4nfe_train") else []
     lines += [
         "",

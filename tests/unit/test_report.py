@@ -39,6 +39,14 @@ def test_rows_with_several_seeds_show_their_standard_error_and_the_paired_gain()
     # per seed +0.025 and +0.035: mean +0.03, SE = |a - b| / 2 = 0.005
     assert "Gain of TDM-R1 over the starting 4-step generator: +0.0300 +- 0.0050" in text
     assert "2/2 seeds positive: +0.025 +0.035" in text
+    summary |= {"tdm_4nfe_train": _eval(0.70), "tdm_r1_4nfe_train": _eval(0.79)}
+    summary["gain_4nfe_train"] = paired_gain(summary["tdm_4nfe_train"], summary["tdm_r1_4nfe_train"])
+    ablation = {"tdm_r1_4nfe": _eval(0.75), "tdm_r1_4nfe_train": _eval(0.72)}
+    lines = report_markdown(summary, {"eta_1": ablation}).splitlines()
+    train_table = lines[lines.index("On the train-split words the run trains on (eval.train_rows):") :]
+    assert "| ablation: eta_1, 4 NFE | 0.720 | 0.500 | 4 |" in train_table
+    assert "| ablation: eta_1, 4 NFE | 0.750 | 0.500 | 4 |" in lines
+    assert any("+0.0900 (one eval seed" in x for x in train_table)
     single = {"tdm_4nfe": _eval(0.77), "tdm_r1_4nfe": _eval(0.78)}
     single["gain_4nfe"] = paired_gain(single["tdm_4nfe"], single["tdm_r1_4nfe"])
     assert "+0.0100 (one eval seed, no error estimate" in report_markdown(single)
