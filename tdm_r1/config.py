@@ -102,7 +102,8 @@ class EvalConfig:
     seed: int = 1234
     # Eval seeds (seed, seed + 1, ...) of each row of a train run's summary. One seed's 256 samples move a mean by
     # about +-0.01, the size of the gains compared; > 1 adds each seed's mean, their standard error and the paired
-    # per-seed gain of TDM-R1 over its starting generator (summary "gain_4nfe").
+    # per-seed gain of TDM-R1 over its starting generator (summary "gain_4nfe"). The periodic evaluations of
+    # train.eval_every stay at one seed (eval.seed).
     seeds: int = 1
     # Seeds of the teacher's many-step CFG row (2 x sample.nfe forwards per sample: 8-16x the cost of a 4-NFE row,
     # and 0.04+ away from the rows compared); None = seeds.
