@@ -725,10 +725,14 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     eval_state: dict = {"reward": scorer} if is_diffusers(cfg) else {}
     reporter = RunReporter(run, tensorboard=tc.tensorboard) if dist.is_main else None
     baselines = baseline_evals(cfg, roles, world, heldout, eval_state, dist, train_words) if tc.eval_baselines else {}
-    if progress.step == 0:
-        start = evaluate_role(roles.generator_ema, world, cfg, heldout, cfg.tdm.steps, 1.0, eval_state, dist)
+    if progress.step == 0:  # the start grid: the same samples as the starting generator's first eval seed
+        from tdm_r1.evaluate import generate
+
+        images = generate(
+            roles.generator_ema, world, heldout, cfg.tdm.steps, 1.0, cfg.tdm.shift, cfg.eval.seed, cfg.eval.batch_size
+        )
         if reporter is not None:
-            reporter.grid(start[1], "samples_start.png")
+            reporter.grid(images, "samples_start.png")
     n_train = {k: sum(getattr(p, "ds_numel", p.numel()) for p in v) for k, v in roles.trainable().items()}
     dist.print(
         f"train: {cfg.roles.mode} roles, trainable {n_train}, {tc.epochs} epochs of "
