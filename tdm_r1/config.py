@@ -112,6 +112,9 @@ class EvalConfig:
     # tdm_4nfe_train / tdm_r1_4nfe_train and gain_4nfe_train): what the run did on the prompts it trains on, beside
     # what carried over to held-out ones.
     train_rows: bool = False
+    # Seeds of those train-split rows; None = seeds. A run on a small prompt set (world.train_words) affords many:
+    # 8 seeds of 32 words cost one seed of the 256 held-out words.
+    train_seeds: int | None = None
     grid_rows: int = 8
     grid_cols: int = 8
 

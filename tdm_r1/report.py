@@ -128,7 +128,8 @@ def report_markdown(summary: dict, ablations: dict[str, dict] | None = None, tit
         for name, s in (ablations or {}).items():
             if "tdm_r1_4nfe_train" in s:
                 lines.append(row(f"ablation: {name}, 4 NFE", s["tdm_r1_4nfe_train"]))
-        lines += ["", gain_line(summary["gain_4nfe_train"], m)] if summary.get("gain_4nfe_train") else []
+        if summary.get("gain_4nfe_train"):
+            lines += ["", gain_line(summary["gain_4nfe_train"], m, seeds_field="eval.train_seeds")]
     lines += [
         "",
         f"Epochs: {summary.get('epochs')}; wall-clock: {summary.get('minutes')} min; "
@@ -144,7 +145,7 @@ def report_markdown(summary: dict, ablations: dict[str, dict] | None = None, tit
     return "\n".join(lines)
 
 
-def gain_line(gain: dict, metric: str = "ocr") -> str:
+def gain_line(gain: dict, metric: str = "ocr", seeds_field: str = "eval.seeds") -> str:
     """The TDM-R1 row minus the starting generator's, with the paired per-seed standard error when there is one."""
     text = f"Gain of TDM-R1 over the starting 4-step generator: {gain[f'{metric}_mean']:+.4f}"
     if "sem" in gain:
@@ -154,7 +155,7 @@ def gain_line(gain: dict, metric: str = "ocr") -> str:
             f"{gain['seeds_positive']}/{len(gain['per_seed'])} seeds positive: {per})"
         )
     else:
-        text += " (one eval seed, no error estimate: set eval.seeds > 1 for one)"
+        text += f" (one eval seed, no error estimate: set {seeds_field} > 1 for one)"
     return text + "."
 
 

@@ -426,15 +426,18 @@ def evaluate_role(
     return dist.broadcast_object(result), images
 
 
-def eval_seeds(cfg: Config) -> tuple[int, int]:
-    """(seeds of the K-step rows, seeds of the teacher's many-step row) from cfg.eval; < 1 is an error naming it."""
+def eval_seeds(cfg: Config) -> tuple[int, int, int]:
+    """(seeds of the K-step held-out rows, of the teacher's many-step row, of the train-split rows) from cfg.eval;
+    < 1 is an error naming the field."""
     from tdm_r1.config import ConfigError
 
-    ref = cfg.eval.seeds if cfg.eval.reference_seeds is None else cfg.eval.reference_seeds
-    for name, value in (("eval.seeds", cfg.eval.seeds), ("eval.reference_seeds", ref)):
+    ev = cfg.eval
+    ref = ev.seeds if ev.reference_seeds is None else ev.reference_seeds
+    train = ev.seeds if ev.train_seeds is None else ev.train_seeds
+    for name, value in (("eval.seeds", ev.seeds), ("eval.reference_seeds", ref), ("eval.train_seeds", train)):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
-    return cfg.eval.seeds, ref
+    return ev.seeds, ref, train
 
 
 def paired_gain(start: dict, final: dict, metric: str = "ocr") -> dict:
@@ -508,7 +511,7 @@ def baseline_evals(
     cached = dist.broadcast_object(cached)
     if cached is not None and cached.get("key") == key:
         return cached["results"]
-    seeds, ref_seeds = eval_seeds(cfg)
+    seeds, ref_seeds, train_seeds = eval_seeds(cfg)
     k = cfg.tdm.steps
     results = {
         "teacher_32nfe_cfg": evaluate_role(
@@ -519,7 +522,7 @@ def baseline_evals(
     }
     if train_words is not None:
         results["tdm_4nfe_train"] = evaluate_role(
-            roles.generator_ema, world, cfg, train_words, k, 1.0, state, dist, seeds
+            roles.generator_ema, world, cfg, train_words, k, 1.0, state, dist, train_seeds
         )[0]
     if dist.is_main:
         path.write_text(json.dumps({"key": key, "results": results}, indent=2) + "\n")
@@ -780,7 +783,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     rows = {"tdm_r1_4nfe": final}
     if train_words is not None:
         rows["tdm_r1_4nfe_train"] = evaluate_role(
-            roles.generator_ema, world, cfg, train_words, cfg.tdm.steps, 1.0, eval_state, dist, eval_seeds(cfg)[0]
+            roles.generator_ema, world, cfg, train_words, cfg.tdm.steps, 1.0, eval_state, dist, eval_seeds(cfg)[2]
         )[0]
     for suffix in ("", "_train"):
         if f"tdm_4nfe{suffix}" in baselines and f"tdm_r1_4nfe{suffix}" in rows:

@@ -322,8 +322,19 @@ def test_summary_rows_at_several_eval_seeds_and_the_paired_gain(paths, tmp_path)
     report = (tmp_path / "two" / "report.md").read_text()
     assert "(2 seeds)" in report and "On the train-split words" in report
 
+    # the train-split rows at their own seed count, the held-out rows at one
+    three = train(make_cfg(paths, tmp_path / "three", *extra, "eval.train_seeds=2"))
+    for key in ("teacher_4nfe", "tdm_4nfe", "tdm_r1_4nfe"):
+        assert "seeds" not in three[key] and three[key]["ocr_mean"] == pytest.approx(one[key]["ocr_mean"], abs=1e-6)
+    for key in ("tdm_4nfe_train", "tdm_r1_4nfe_train"):
+        assert three[key]["ocr_mean_per_seed"] == pytest.approx(two[key]["ocr_mean_per_seed"], abs=1e-6)
+    assert three["gain_4nfe_train"]["sem"] == pytest.approx(two["gain_4nfe_train"]["sem"], abs=1e-6)
+    assert "sem" not in three["gain_4nfe"]
+    report = (tmp_path / "three" / "report.md").read_text()
+    assert "set eval.seeds > 1" in report and "(2 seeds)" in report
 
-@pytest.mark.parametrize("field", ["eval.seeds", "eval.reference_seeds"])
+
+@pytest.mark.parametrize("field", ["eval.seeds", "eval.reference_seeds", "eval.train_seeds"])
 def test_eval_seeds_below_one_fail_before_training(paths, tmp_path, field):
     with pytest.raises(ConfigError, match=f"{field} must be >= 1, got 0"):
         train(make_cfg(paths, tmp_path / "run", f"{field}=0"))
