@@ -84,12 +84,14 @@ def test_shipped_configs_load():
                 assert f is None or Path(f).is_file(), f"{path}: {f}"
 
 
-def test_full_r1_config_trains_on_a_pool_of_train_words():
-    full = load_config("configs/toy_ocr_r1_full.yaml")
-    pool = Path(full.world.train_words).read_text().split()
-    assert pool == Path("configs/words/ocr_train.txt").read_text().split()[:64]
-    assert full.eval.n_train >= len(pool) and full.eval.train_rows and full.eval.seeds > 1
-    assert not set(pool) & set(Path(full.world.heldout_words).read_text().split())
+@pytest.mark.parametrize(("name", "size"), [("toy_ocr_r1.yaml", 32), ("toy_ocr_r1_full.yaml", 64)])
+def test_r1_configs_train_on_a_pool_of_train_words(name, size):
+    cfg = load_config(Path("configs") / name)
+    pool = Path(cfg.world.train_words).read_text().split()
+    assert pool == Path("configs/words/ocr_train.txt").read_text().split()[:size]
+    train_seeds = cfg.eval.seeds if cfg.eval.train_seeds is None else cfg.eval.train_seeds
+    assert cfg.eval.n_train >= len(pool) and cfg.eval.train_rows and train_seeds > 1
+    assert not set(pool) & set(Path(cfg.world.heldout_words).read_text().split())
 
 
 def test_exponent_floats_without_a_dot_are_floats(tmp_path):
