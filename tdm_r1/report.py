@@ -119,6 +119,7 @@ def report_markdown(summary: dict, ablations: dict[str, dict] | None = None, tit
     for name, s in (ablations or {}).items():
         lines.append(row(f"ablation: {name}, 4 NFE", s["tdm_r1_4nfe"]))
     lines += ["", gain_line(summary["gain_4nfe"], m)] if summary.get("gain_4nfe") else []
+    lines += ablation_lines(summary, ablations, "tdm_r1_4nfe", m)
     if "tdm_r1_4nfe_train" in summary:
         lines += ["", "On the train-split words the run trains on (eval.train_rows):", ""]
         lines += [f"| model | {m}_mean | {m}_exact | n |", "|---|---|---|---|"]
@@ -130,6 +131,7 @@ def report_markdown(summary: dict, ablations: dict[str, dict] | None = None, tit
                 lines.append(row(f"ablation: {name}, 4 NFE", s["tdm_r1_4nfe_train"]))
         if summary.get("gain_4nfe_train"):
             lines += ["", gain_line(summary["gain_4nfe_train"], m, seeds_field="eval.train_seeds")]
+        lines += ablation_lines(summary, ablations, "tdm_r1_4nfe_train", m)
     lines += [
         "",
         f"Epochs: {summary.get('epochs')}; wall-clock: {summary.get('minutes')} min; "
@@ -143,6 +145,36 @@ def report_markdown(summary: dict, ablations: dict[str, dict] | None = None, tit
         "",
     ]
     return "\n".join(lines)
+
+
+def paired_gain(start: dict, final: dict, metric: str = "ocr") -> dict:
+    """final - start in <metric>_mean; when both were evaluated at the same seeds, each seed's difference, their
+    standard error (the paired comparison: both models see the same noise and prompts per seed) and how many are
+    positive."""
+    key = f"{metric}_mean"
+    gain = {key: final[key] - start[key]}
+    per_key = f"{key}_per_seed"
+    if per_key in start and per_key in final and start.get("seeds") == final.get("seeds"):
+        per = [b - a for a, b in zip(start[per_key], final[per_key])]
+        k = len(per)
+        mean = sum(per) / k
+        sem = math.sqrt(sum((d - mean) ** 2 for d in per) / (k - 1) / k)
+        gain |= {"seeds": start["seeds"], "per_seed": per, "sem": sem, "seeds_positive": sum(d > 0 for d in per)}
+    return gain
+
+
+def ablation_lines(summary: dict, ablations: dict | None, key: str, metric: str) -> list[str]:
+    """TDM-R1 minus each ablation in row `key`, paired per eval seed when both were evaluated at the same seeds (the
+    paper's ordering is TDM-R1 above both ablations)."""
+    lines = []
+    for name, s in (ablations or {}).items():
+        if key in summary and key in s:
+            d = paired_gain(s[key], summary[key], metric)
+            text = f"TDM-R1 minus ablation {name}: {d[f'{metric}_mean']:+.4f}"
+            if "sem" in d:
+                text += f" +- {d['sem']:.4f} ({d['seeds_positive']}/{len(d['per_seed'])} seeds positive)"
+            lines.append(text + ".")
+    return ["", *lines] if lines else []
 
 
 def gain_line(gain: dict, metric: str = "ocr", seeds_field: str = "eval.seeds") -> str:

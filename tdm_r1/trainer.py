@@ -33,6 +33,7 @@ from tdm_r1.losses import (
     x0_from_velocity,
 )
 from tdm_r1.models.base import Cond
+from tdm_r1.report import paired_gain
 from tdm_r1.rewards.base import RewardFailureError, score_images
 from tdm_r1.roles import Roles
 from tdm_r1.sampling import Trajectory, rollout
@@ -438,22 +439,6 @@ def eval_seeds(cfg: Config) -> tuple[int, int, int]:
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     return ev.seeds, ref, train
-
-
-def paired_gain(start: dict, final: dict, metric: str = "ocr") -> dict:
-    """final - start in <metric>_mean; when both were evaluated at the same seeds, each seed's difference, their
-    standard error (the paired comparison: both models see the same noise and prompts per seed) and how many are
-    positive."""
-    key = f"{metric}_mean"
-    gain = {key: final[key] - start[key]}
-    per_key = f"{key}_per_seed"
-    if per_key in start and per_key in final and start.get("seeds") == final.get("seeds"):
-        per = [b - a for a, b in zip(start[per_key], final[per_key])]
-        k = len(per)
-        mean = sum(per) / k
-        sem = math.sqrt(sum((d - mean) ** 2 for d in per) / (k - 1) / k)
-        gain |= {"seeds": start["seeds"], "per_seed": per, "sem": sem, "seeds_positive": sum(d > 0 for d in per)}
-    return gain
 
 
 def eval_metric(cfg: Config) -> str:

@@ -2,8 +2,7 @@
 
 import pytest
 
-from tdm_r1.report import plot_curves, report_markdown, summary_points
-from tdm_r1.trainer import paired_gain
+from tdm_r1.report import paired_gain, plot_curves, report_markdown, summary_points
 
 
 def _eval(v, exact=0.5):
@@ -47,9 +46,24 @@ def test_rows_with_several_seeds_show_their_standard_error_and_the_paired_gain()
     assert "| ablation: eta_1, 4 NFE | 0.720 | 0.500 | 4 |" in train_table
     assert "| ablation: eta_1, 4 NFE | 0.750 | 0.500 | 4 |" in lines
     assert any("+0.0900 (one eval seed" in x for x in train_table)
+    assert "TDM-R1 minus ablation eta_1: +0.0700." in train_table  # 0.79 - 0.72
+    assert "TDM-R1 minus ablation eta_1: +0.0500." in lines  # 0.80 - 0.75
     single = {"tdm_4nfe": _eval(0.77), "tdm_r1_4nfe": _eval(0.78)}
     single["gain_4nfe"] = paired_gain(single["tdm_4nfe"], single["tdm_r1_4nfe"])
     assert "+0.0100 (one eval seed, no error estimate" in report_markdown(single)
+
+
+def test_ablations_are_compared_with_tdm_r1_seed_by_seed():
+    seeds = {"seeds": [1, 2, 3]}
+    final = {**_eval(0.80), **seeds, "ocr_mean_per_seed": [0.78, 0.80, 0.82]}
+    ablation = {**_eval(0.76), **seeds, "ocr_mean_per_seed": [0.77, 0.75, 0.76]}
+    other = {**_eval(0.81), "seeds": [4, 5, 6], "ocr_mean_per_seed": [0.81, 0.81, 0.81]}
+    summary = {"tdm_r1_4nfe": final, "epochs": 1}
+    text = report_markdown(summary, {"eta_1": {"tdm_r1_4nfe": ablation}, "direct_rl": {"tdm_r1_4nfe": other}})
+    # differences +0.01, +0.05, +0.06: mean +0.04, sample std sqrt(0.0007), SE sqrt(0.0007 / 3) = 0.0153
+    assert "TDM-R1 minus ablation eta_1: +0.0400 +- 0.0153 (3/3 seeds positive)." in text
+    # evaluated at other seeds: not paired, the difference of the means only
+    assert "TDM-R1 minus ablation direct_rl: -0.0100." in text
 
 
 def test_paired_gain_differences_per_seed():
