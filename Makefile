@@ -28,12 +28,14 @@ demo: venv native
 	$(BIN)/tdm-r1 train --config configs/toy_ocr_r1.yaml
 	@cat runs/demo/report.md
 
-# The paper's ablations at the demo's epoch budget (direct-RL generator loss; eta = 1 stochastic rollouts), added
-# as rows to runs/demo/report.md (run `make demo` first).
+# The paper's ablations at the demo's epoch budget (direct-RL generator loss; eta = 1 stochastic rollouts) and the
+# control without the learned-reward term (KL + CFG only), added as rows to runs/demo/report.md (run `make demo` first).
 ablations: venv native
 	$(BIN)/tdm-r1 train --config configs/toy_ocr_r1.yaml --set run_dir=runs/demo_direct_rl --set train.generator_loss=direct_rl
 	$(BIN)/tdm-r1 train --config configs/toy_ocr_r1.yaml --set run_dir=runs/demo_eta1 --set train.eta=1.0
-	$(BIN)/tdm-r1 report --run runs/demo --ablation direct_rl=runs/demo_direct_rl --ablation eta_1=runs/demo_eta1
+	$(BIN)/tdm-r1 train --config configs/toy_ocr_r1.yaml --set run_dir=runs/demo_no_reward --set tdm.trunc_steps=0
+	$(BIN)/tdm-r1 report --run runs/demo --ablation direct_rl=runs/demo_direct_rl --ablation eta_1=runs/demo_eta1 \
+		--ablation no_reward_term=runs/demo_no_reward
 
 test: venv native
 	$(BIN)/python -m pytest -q
