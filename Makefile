@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv native demo ablations test lint bench teacher student clean
+.PHONY: venv native demo ablations layout layout-ablations test lint bench teacher student layout-teacher layout-student clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,20 @@ ablations: venv native
 	$(BIN)/tdm-r1 report --run runs/demo --ablation direct_rl=runs/demo_direct_rl --ablation eta_1=runs/demo_eta1 \
 		--ablation no_reward_term=runs/demo_no_reward
 
+# TDM-R1 on the layout world (text may be cut off at the right edge) from its shipped student, on the 10,000-word
+# stream; writes runs/layout/{report.md,summary.json,...} with the held-out rows at 4 eval seeds.
+layout: venv native
+	$(BIN)/tdm-r1 train --config configs/toy_ocr_layout_r1.yaml
+	@cat runs/layout/report.md
+
+# The same ablations and control on the layout world, added as rows to runs/layout/report.md (run `make layout` first).
+layout-ablations: venv native
+	$(BIN)/tdm-r1 train --config configs/toy_ocr_layout_r1.yaml --set run_dir=runs/layout_direct_rl --set train.generator_loss=direct_rl
+	$(BIN)/tdm-r1 train --config configs/toy_ocr_layout_r1.yaml --set run_dir=runs/layout_eta1 --set train.eta=1.0
+	$(BIN)/tdm-r1 train --config configs/toy_ocr_layout_r1.yaml --set run_dir=runs/layout_no_reward --set tdm.trunc_steps=0
+	$(BIN)/tdm-r1 report --run runs/layout --ablation direct_rl=runs/layout_direct_rl --ablation eta_1=runs/layout_eta1 \
+		--ablation no_reward_term=runs/layout_no_reward
+
 test: venv native
 	$(BIN)/python -m pytest -q
 
@@ -53,6 +67,16 @@ teacher: venv
 
 student: venv
 	$(BIN)/tdm-r1 distill --config configs/toy_ocr_distill.yaml
+
+# The layout world's teacher in its two stages (configs/toy_ocr_layout_teacher.yaml), and its 4-step student.
+layout-teacher: venv
+	$(BIN)/tdm-r1 pretrain --config configs/toy_ocr_layout_teacher.yaml
+	$(BIN)/tdm-r1 pretrain --config configs/toy_ocr_layout_teacher.yaml --set run_dir=runs/toy_ocr_layout_teacher2 \
+		--set pretrain.init=runs/toy_ocr_layout_teacher/teacher.safetensors --set pretrain.steps=2000 \
+		--set pretrain.warmup_steps=50
+
+layout-student: venv
+	$(BIN)/tdm-r1 distill --config configs/toy_ocr_layout_distill.yaml
 
 clean:
 	rm -rf $(VENV) .cache build

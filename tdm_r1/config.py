@@ -74,6 +74,9 @@ class PretrainConfig:
     logit_normal_std: float = 1.0  # s ~ sigmoid(N(0, std)), as in SD3
     log_every: int = 50
     save_every: int = 250  # intermediate checkpoints (EMA weights) under <run_dir>/checkpoints
+    # A teacher checkpoint to continue from (its weights start both the model and the EMA; fresh optimizer, warmup
+    # again). Its model config must equal `model:`; its world may differ (continue on another world).
+    init: str | None = None
 
 
 @dataclass

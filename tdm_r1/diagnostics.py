@@ -1,9 +1,11 @@
 """Diagnostics of TDM-R1's learned reward: how much could any reward tilt of a generator gain (best-of-k), and does
 a surrogate prefer the better samples of a group (on the samples it was trained on, and on fresh ones)?
 
-Also where a generator's renderings fail: character errors by position and exact readings by word length.
+Also where a generator's renderings fail: character errors by position and exact readings by word length, and where
+its text sits on the canvas (ink columns, text cut off at the right edge).
 
-Used by tools/best_of_k.py, tools/surrogate_probe.py, tools/surrogate_fit.py and tools/error_positions.py.
+Used by tools/best_of_k.py, tools/surrogate_probe.py, tools/surrogate_fit.py, tools/error_positions.py and
+tools/layout_probe.py.
 """
 
 from __future__ import annotations
@@ -53,6 +55,20 @@ def error_positions(words: list[str], readings: list[str]) -> tuple[dict[int, fl
         exact.setdefault(len(word), []).append(reading == word)
     by_pos = {i: sum(v) / len(v) for i, v in sorted(wrong.items())}
     return by_pos, {n: sum(v) / len(v) for n, v in sorted(exact.items())}
+
+
+def ink_layout(images: Tensor, threshold: float, edge: int = 2) -> dict[str, Tensor]:
+    """images [N, H, W] in [0, 1] (dark text on a light ground) -> per image the leftmost and rightmost column holding
+    ink (a pixel below `threshold`; -1 / W when none), and whether ink reaches the last `edge` columns (text cut off
+    at the right edge: the word may not fit). Returns {"left" [N], "right" [N], "at_edge" [N] bool}."""
+    if images.dim() != 3:
+        raise ValueError(f"ink_layout: expected images [N, H, W], got shape {tuple(images.shape)}")
+    cols = (images < threshold).any(1)  # [N, W]
+    w = cols.shape[1]
+    idx = torch.arange(w).expand_as(cols)
+    left = torch.where(cols, idx, torch.full_like(idx, w)).min(1).values
+    right = torch.where(cols, idx, torch.full_like(idx, -1)).max(1).values
+    return {"left": left, "right": right, "at_edge": cols[:, w - edge :].any(1)}
 
 
 @torch.no_grad()

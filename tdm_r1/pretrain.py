@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tdm_r1.checkpoint import save_model
-from tdm_r1.config import Config, save_config
+from tdm_r1.checkpoint import read_model, save_model
+from tdm_r1.config import Config, ConfigError, save_config
 from tdm_r1.models.tiny_dit import build_tiny_dit
 from tdm_r1.report import JsonlLogger
 from tdm_r1.worlds.ocr import build_world
@@ -34,6 +34,17 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         pe.lerp_(pm, 1.0 - decay)
 
 
+def init_weights(path: str, cfg: Config) -> dict[str, torch.Tensor]:
+    """The weights of the teacher checkpoint `pretrain.init`, checked against `model:`."""
+    from dataclasses import asdict
+
+    state, model_cfg, _, _ = read_model(path)
+    if asdict(model_cfg) != asdict(cfg.model):
+        diff = {k: (v, getattr(cfg.model, k)) for k, v in asdict(model_cfg).items() if getattr(cfg.model, k) != v}
+        raise ConfigError(f"pretrain.init={path!r}: its model differs from model: (checkpoint, config) {diff}")
+    return state
+
+
 def pretrain(cfg: Config) -> Path:
     pc = cfg.pretrain
     run = Path(cfg.run_dir)
@@ -43,6 +54,8 @@ def pretrain(cfg: Config) -> Path:
     rng = np.random.default_rng(cfg.seed)
     world = build_world(cfg.world)
     model = build_tiny_dit(cfg.model, cfg.world).train()
+    if pc.init is not None:
+        model.load_state_dict(init_weights(pc.init, cfg))
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=pc.lr, betas=(0.9, 0.99), weight_decay=pc.weight_decay)
     log = JsonlLogger(run / "metrics.jsonl")

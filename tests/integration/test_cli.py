@@ -47,6 +47,38 @@ def test_pretrain_writes_config_metrics_and_checkpoints(teacher):
     assert (teacher / "teacher.safetensors").is_file()
 
 
+def _pretrain(run, *sets):
+    return main(
+        ["pretrain", "--config", "configs/toy_ocr_teacher.yaml", "--set", f"run_dir={run}"]
+        + sum((["--set", o] for o in [*TINY, *sets]), [])
+    )
+
+
+def test_pretrain_init_continues_from_the_checkpoint_weights(teacher, tmp_path):
+    from tdm_r1.checkpoint import read_model
+
+    start, *_ = read_model(teacher / "teacher.safetensors")
+    # lr 0: the model cannot move, so the EMA written after 2 steps is the init checkpoint's weights, bit for bit
+    assert _pretrain(tmp_path / "a", f"pretrain.init={teacher / 'teacher.safetensors'}", "pretrain.lr=0.0") == 0
+    same, *_ = read_model(tmp_path / "a" / "teacher.safetensors")
+    assert same.keys() == start.keys() and all(torch.equal(same[k], start[k]) for k in start)
+    # the same run without init starts from fresh weights (seed 0, as the fixture): not the fixture's trained ones
+    assert _pretrain(tmp_path / "b", "pretrain.lr=0.0") == 0
+    fresh, *_ = read_model(tmp_path / "b" / "teacher.safetensors")
+    assert any(not torch.equal(fresh[k], start[k]) for k in start)
+    # and with lr > 0 it trains on from the init weights on another world
+    assert _pretrain(tmp_path / "c", f"pretrain.init={teacher / 'teacher.safetensors'}", "world.jitter_x=8") == 0
+    moved, _, world, _ = read_model(tmp_path / "c" / "teacher.safetensors")
+    assert world.jitter_x == 8 and any(not torch.equal(moved[k], start[k]) for k in start)
+
+
+def test_pretrain_init_with_another_model_is_a_config_error(teacher, tmp_path, capsys):
+    assert _pretrain(tmp_path / "x", f"pretrain.init={teacher / 'teacher.safetensors'}", "model.dim=48") == 2
+    err = capsys.readouterr().err
+    assert "pretrain.init=" in err and "'dim': (32, 48)" in err
+    assert not (tmp_path / "x" / "teacher.safetensors").exists()
+
+
 def test_eval_on_prompt_file_writes_json_and_grid(teacher, tmp_path):
     words = tmp_path / "words.txt"
     words.write_text("CAT\nDOG\nQUIZ\n")

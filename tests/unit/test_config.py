@@ -78,8 +78,14 @@ def test_shipped_configs_load():
     assert len(shipped) >= 6
     for path in shipped:
         cfg = load_config(path)
-        if path.name.startswith("toy_ocr_r1"):  # the TDM-R1 configs run from the repository's own files
-            files = (cfg.world.train_words, cfg.world.heldout_words, cfg.roles.teacher, cfg.roles.generator_init)
+        if path.name.startswith(("toy_ocr_r1", "toy_ocr_layout_r1")):  # TDM-R1 configs run from the repository's files
+            files = (
+                cfg.world.train_words,
+                cfg.world.heldout_words,
+                cfg.roles.teacher,
+                cfg.roles.generator_init,
+                cfg.roles.fake_init,
+            )
             for f in files:
                 assert f is None or Path(f).is_file(), f"{path}: {f}"
 
@@ -92,6 +98,21 @@ def test_r1_configs_train_on_a_pool_of_train_words(name, size):
     train_seeds = cfg.eval.seeds if cfg.eval.train_seeds is None else cfg.eval.train_seeds
     assert cfg.eval.n_train >= len(pool) and cfg.eval.train_rows and train_seeds > 1
     assert not set(pool) & set(Path(cfg.world.heldout_words).read_text().split())
+
+
+def test_layout_configs_share_the_shipped_teachers_world():
+    from tdm_r1.checkpoint import read_model
+
+    _, model_cfg, world, info = read_model("checkpoints/toy_ocr_layout_teacher.safetensors")
+    assert world.jitter_x == 48 and info.get("kind") == "teacher"
+    teacher = load_config("configs/toy_ocr_layout_teacher.yaml")
+    assert teacher.world == world and teacher.model == model_cfg
+    for name in ("toy_ocr_layout_distill.yaml", "toy_ocr_layout_r1.yaml"):
+        cfg = load_config(Path("configs") / name)
+        assert cfg.world == world, name
+        assert cfg.roles.teacher == "checkpoints/toy_ocr_layout_teacher.safetensors", name
+    r1 = load_config("configs/toy_ocr_layout_r1.yaml")
+    assert r1.world.train_words == "configs/words/ocr_train.txt" and r1.eval.seeds > 1  # the stream, paired gain
 
 
 def test_exponent_floats_without_a_dot_are_floats(tmp_path):

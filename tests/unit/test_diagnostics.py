@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels.reference import velocity_target_mse_ref
-from tdm_r1.diagnostics import best_of_k, error_positions, format_probe, preference_probe
+from tdm_r1.diagnostics import best_of_k, error_positions, format_probe, ink_layout, preference_probe
 
 
 def test_best_of_k_hand_computed():
@@ -84,3 +84,18 @@ def test_error_positions_hand_computed():
     assert by_pos == {0: 0.0, 1: 0.0, 2: 1.0, 3: 0.0, 4: 0.0}
     with pytest.raises(ValueError, match="2 words but 1 readings"):
         error_positions(["A", "B"], ["A"])
+
+
+def test_ink_layout_hand_computed():
+    img = torch.full((3, 2, 6), 0.9)
+    img[0, 1, 1:3] = 0.1  # ink in columns 1-2
+    img[1, 0, 2] = 0.3  # columns 2 and 5: reaches the edge (last 2 columns)
+    img[1, 1, 5] = 0.2
+    img[2, 0, 4] = 0.5  # not below the threshold: no ink at all
+    out = ink_layout(img, threshold=0.475)
+    assert out["left"].tolist() == [1, 2, 6] and out["right"].tolist() == [2, 5, -1]
+    assert out["at_edge"].tolist() == [False, True, False]
+    assert ink_layout(img, threshold=0.6)["at_edge"].tolist() == [False, True, True]  # column 4 counts now
+    assert ink_layout(img, threshold=0.475, edge=1)["at_edge"].tolist() == [False, True, False]
+    with pytest.raises(ValueError, match=r"images \[N, H, W\]"):
+        ink_layout(torch.ones(2, 1, 2, 6), 0.5)

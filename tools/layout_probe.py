@@ -1,0 +1,45 @@
+"""Where a generator puts its text: ink columns of its held-out samples and their OCR score, split by whether the ink
+reaches the right edge (a word that does not fit is cut off there).
+
+One sample per held-out word at eval seed --seed. The ink threshold is halfway between the world's mean background and
+text levels. On a world with horizontal jitter (`world.jitter_x`) this shows whether a reward moved the text left.
+
+    python tools/layout_probe.py --checkpoint checkpoints/toy_ocr_student.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+
+from tdm_r1.diagnostics import checkpoint_tool_parser, ink_layout, load_checkpoint_tool
+from tdm_r1.evaluate import build_eval_reward, generate
+
+
+def main() -> None:
+    ap = checkpoint_tool_parser(__doc__)
+    ap.add_argument("--edge", type=int, default=2, help="columns at the right edge that count as cut off")
+    args = ap.parse_args()
+
+    model, world, cfg = load_checkpoint_tool(args)
+    words = world.words("heldout")
+    images = generate(model, world, words, args.nfe, args.cfg, cfg.tdm.shift, args.seed, cfg.eval.batch_size)
+    scores = build_eval_reward(cfg.reward, world)(images, [world.prompt(w) for w in words])
+    w = world.cfg
+    threshold = (sum(w.background_level) + sum(w.text_level)) / 4
+    lay = ink_layout(images[:, 0], threshold, args.edge)
+    edge = lay["at_edge"]
+    out = {
+        "checkpoint": args.checkpoint,
+        "n": len(words),
+        "ocr_mean": float(scores.mean()),
+        "ink_left_mean": float(lay["left"].float().mean()),
+        "ink_right_mean": float(lay["right"].float().mean()),
+        "at_edge": float(edge.float().mean()),
+        "ocr_mean_at_edge": float(scores[edge].mean()) if edge.any() else None,
+        "ocr_mean_inside": float(scores[~edge].mean()) if (~edge).any() else None,
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
