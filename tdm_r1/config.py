@@ -45,6 +45,10 @@ class WorldConfig:
     jitter_x: int = 0  # uniform horizontal offset in [0, jitter_x] pixels
     jitter_y: int = 0  # uniform vertical offset in [-jitter_y, jitter_y] pixels
     noise_std: float = 0.0  # Gaussian pixel noise, in [0, 1] units
+    # Smudged renders: with probability blot_prob a block in the text colour covers blot_frac of the word's width
+    # (all its ink rows, at a uniform position inside the word), as unreadable text in web-scale training data.
+    blot_prob: float = 0.0
+    blot_frac: float = 0.5
 
 
 @dataclass

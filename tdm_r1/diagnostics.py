@@ -71,6 +71,25 @@ def ink_layout(images: Tensor, threshold: float, edge: int = 2) -> dict[str, Ten
     return {"left": left, "right": right, "at_edge": cols[:, w - edge :].any(1)}
 
 
+def solid_blocks(images: Tensor, threshold: float, fill: float = 0.9, min_width: int = 4) -> dict[str, Tensor]:
+    """images [N, H, W] in [0, 1] (dark text on a light ground) -> per image the widest run of adjacent columns whose
+    pixels are ink (below `threshold`) in at least `fill` of the image's ink rows (rows holding any ink): a solid block
+    over the text, as a blot draws, where a letter's stem is one or two columns wide. `blotted`: that run is at least
+    `min_width` columns. Returns {"width" [N], "blotted" [N] bool}."""
+    if images.dim() != 3:
+        raise ValueError(f"solid_blocks: expected images [N, H, W], got shape {tuple(images.shape)}")
+    ink = images < threshold  # [N, H, W]
+    rows = ink.any(2, keepdim=True)  # [N, H, 1]
+    n_rows = rows.sum(1).clamp(min=1)  # [N, 1]
+    solid = ((ink & rows).sum(1) >= fill * n_rows) & (rows.sum(1) > 0)  # [N, W]
+    run = torch.zeros(solid.shape[0], dtype=torch.long)
+    width = torch.zeros_like(run)
+    for c in range(solid.shape[1]):  # longest run of True per row of `solid`
+        run = torch.where(solid[:, c], run + 1, torch.zeros_like(run))
+        width = torch.maximum(width, run)
+    return {"width": width, "blotted": width >= min_width}
+
+
 @torch.no_grad()
 def preference_probe(roles, batch, taus: tuple[float, ...], gen: torch.Generator, states=None) -> list[dict]:
     """For each stored state x_{s_{k+1}} of `batch` (a rollout with advantages) and each tau above its s: re-noise

@@ -70,6 +70,20 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
+def _blot(alpha: np.ndarray, frac: float, rng: np.random.Generator) -> np.ndarray:
+    """Cover `frac` of the ink's width, over all its rows, with solid ink at a uniform position inside the word."""
+    rows = np.flatnonzero((alpha[..., 0] > 0.5).any(1))
+    cols = np.flatnonzero((alpha[..., 0] > 0.5).any(0))
+    if len(cols) == 0:
+        return alpha
+    a, b = int(cols[0]), int(cols[-1])
+    width = max(1, int(np.ceil(frac * (b - a + 1))))
+    x0 = int(rng.integers(a, b - width + 2))
+    out = alpha.copy()
+    out[rows[0] : rows[-1] + 1, x0 : x0 + width] = 1.0
+    return out
+
+
 @dataclass
 class OCRWorld:
     cfg: WorldConfig
@@ -123,6 +137,8 @@ class OCRWorld:
         mask = Image.new("L", (c.width, c.height), 0)
         ImageDraw.Draw(mask).text((x, y), word, fill=255, font=_font(size), anchor="lm")
         alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0  # [H, W, 1]
+        if c.blot_prob > 0 and rng.random() < c.blot_prob:
+            alpha = _blot(alpha, c.blot_frac, rng)
         img = (1.0 - alpha) * bg[None, None, :] + alpha * fg[None, None, :]
         if c.noise_std > 0:
             img = img + rng.normal(0.0, c.noise_std, img.shape)
@@ -146,6 +162,10 @@ def build_world(cfg: WorldConfig) -> OCRWorld:
         raise ValueError(f"unknown world {cfg.name!r}")
     if cfg.random_rgb and cfg.channels != 3:
         raise ValueError("world.random_rgb needs world.channels: 3")
+    if not 0.0 <= cfg.blot_prob <= 1.0:
+        raise ValueError(f"world.blot_prob must be in [0, 1], got {cfg.blot_prob}")
+    if not 0.0 < cfg.blot_frac <= 1.0:
+        raise ValueError(f"world.blot_frac must be in (0, 1], got {cfg.blot_frac}")
     train = read_words(cfg.train_words, cfg.alphabet, cfg.max_word_len)
     heldout = read_words(cfg.heldout_words, cfg.alphabet, cfg.max_word_len)
     overlap = sorted(set(train) & set(heldout))

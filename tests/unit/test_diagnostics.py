@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from kernels.reference import velocity_target_mse_ref
-from tdm_r1.diagnostics import best_of_k, error_positions, format_probe, ink_layout, preference_probe
+from tdm_r1.config import WorldConfig
+from tdm_r1.diagnostics import best_of_k, error_positions, format_probe, ink_layout, preference_probe, solid_blocks
+from tdm_r1.worlds.ocr import build_world
 
 
 def test_best_of_k_hand_computed():
@@ -99,3 +101,30 @@ def test_ink_layout_hand_computed():
     assert ink_layout(img, threshold=0.475, edge=1)["at_edge"].tolist() == [False, True, False]
     with pytest.raises(ValueError, match=r"images \[N, H, W\]"):
         ink_layout(torch.ones(2, 1, 2, 6), 0.5)
+
+
+def test_solid_blocks_hand_computed():
+    img = torch.full((4, 4, 10), 0.9)
+    img[0, 1:3, 2:7] = 0.1  # a 5-column block over both ink rows
+    img[0, 1, 8] = 0.1  # a letter's pixel elsewhere on row 1
+    img[1, 0:4, 1] = 0.1  # stems one column wide, apart: no run longer than 1
+    img[1, 0:4, 3] = 0.1
+    img[1, 0:4, 5] = 0.1
+    img[2, 0:3, 2:6] = 0.1  # columns 2-5 cover 3 of 4 ink rows (row 3 has ink at column 9 only)
+    img[2, 3, 9] = 0.1
+    out = solid_blocks(img, threshold=0.475)  # image 3: no ink at all
+    assert out["width"].tolist() == [5, 1, 0, 0] and out["blotted"].tolist() == [True, False, False, False]
+    # at fill 0.75, 3 of 4 rows are enough: image 2's columns 2-5 form a block of 4
+    assert solid_blocks(img, threshold=0.475, fill=0.75)["width"].tolist() == [5, 1, 4, 0]
+    assert solid_blocks(img, threshold=0.475, min_width=6)["blotted"].tolist() == [False] * 4
+    with pytest.raises(ValueError, match=r"images \[N, H, W\]"):
+        solid_blocks(torch.ones(2, 1, 2, 6), 0.5)
+
+
+def test_solid_blocks_tell_the_blot_worlds_renders_apart():
+    # on the world's own renders: a clean word's widest solid run is a stem (<= 1 column), every blot is >= 4
+    words = build_world(WorldConfig()).words("heldout")
+    clean = build_world(WorldConfig()).render_batch(words, np.random.default_rng(0))[:, 0]
+    blot = build_world(WorldConfig(blot_prob=1.0)).render_batch(words, np.random.default_rng(0))[:, 0]
+    assert not solid_blocks(clean, 0.475)["blotted"].any()
+    assert solid_blocks(blot, 0.475)["blotted"].all()
