@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv native demo ablations layout layout-ablations test lint bench teacher student layout-teacher layout-student clean
+.PHONY: venv native demo ablations layout layout-ablations blot blot-ablations test lint bench teacher student layout-teacher layout-student blot-teacher blot-student clean
 
 venv: $(STAMP)
 
@@ -51,6 +51,20 @@ layout-ablations: venv native
 	$(BIN)/tdm-r1 report --run runs/layout --ablation direct_rl=runs/layout_direct_rl --ablation eta_1=runs/layout_eta1 \
 		--ablation no_reward_term=runs/layout_no_reward
 
+# TDM-R1 on the blot world (30% of the teacher's training renders have a block of ink over half the word) from its
+# shipped student, on the 10,000-word stream; writes runs/blot/{report.md,summary.json,...}.
+blot: venv native
+	$(BIN)/tdm-r1 train --config configs/toy_ocr_blot_r1.yaml
+	@cat runs/blot/report.md
+
+# The same ablations and control on the blot world, added as rows to runs/blot/report.md (run `make blot` first).
+blot-ablations: venv native
+	$(BIN)/tdm-r1 train --config configs/toy_ocr_blot_r1.yaml --set run_dir=runs/blot_direct_rl --set train.generator_loss=direct_rl
+	$(BIN)/tdm-r1 train --config configs/toy_ocr_blot_r1.yaml --set run_dir=runs/blot_eta1 --set train.eta=1.0
+	$(BIN)/tdm-r1 train --config configs/toy_ocr_blot_r1.yaml --set run_dir=runs/blot_no_reward --set tdm.trunc_steps=0
+	$(BIN)/tdm-r1 report --run runs/blot --ablation direct_rl=runs/blot_direct_rl --ablation eta_1=runs/blot_eta1 \
+		--ablation no_reward_term=runs/blot_no_reward
+
 test: venv native
 	$(BIN)/python -m pytest -q
 
@@ -77,6 +91,19 @@ layout-teacher: venv
 
 layout-student: venv
 	$(BIN)/tdm-r1 distill --config configs/toy_ocr_layout_distill.yaml
+
+# The blot world's teacher in its three stages (configs/toy_ocr_blot_teacher.yaml), and its 4-step student.
+blot-teacher: venv
+	$(BIN)/tdm-r1 pretrain --config configs/toy_ocr_blot_teacher.yaml --set world.blot_prob=0.3
+	$(BIN)/tdm-r1 pretrain --config configs/toy_ocr_blot_teacher.yaml --set world.blot_prob=0.3 \
+		--set run_dir=runs/toy_ocr_blot_teacher2 --set pretrain.init=runs/toy_ocr_blot_teacher/teacher.safetensors \
+		--set pretrain.steps=1500 --set pretrain.warmup_steps=50
+	$(BIN)/tdm-r1 pretrain --config configs/toy_ocr_blot_teacher.yaml \
+		--set run_dir=runs/toy_ocr_blot_teacher3 --set pretrain.init=runs/toy_ocr_blot_teacher2/teacher.safetensors \
+		--set pretrain.steps=1000 --set pretrain.warmup_steps=50
+
+blot-student: venv
+	$(BIN)/tdm-r1 distill --config configs/toy_ocr_blot_distill.yaml
 
 clean:
 	rm -rf $(VENV) .cache build

@@ -78,7 +78,9 @@ def test_shipped_configs_load():
     assert len(shipped) >= 6
     for path in shipped:
         cfg = load_config(path)
-        if path.name.startswith(("toy_ocr_r1", "toy_ocr_layout_r1")):  # TDM-R1 configs run from the repository's files
+        if path.name.startswith(
+            ("toy_ocr_r1", "toy_ocr_layout_r1", "toy_ocr_blot_r1")
+        ):  # TDM-R1 configs run from the repository's files
             files = (
                 cfg.world.train_words,
                 cfg.world.heldout_words,
@@ -100,18 +102,20 @@ def test_r1_configs_train_on_a_pool_of_train_words(name, size):
     assert not set(pool) & set(Path(cfg.world.heldout_words).read_text().split())
 
 
-def test_layout_configs_share_the_shipped_teachers_world():
+@pytest.mark.parametrize(("name", "field", "value"), [("layout", "jitter_x", 48), ("blot", "blot_prob", 0.3)])
+def test_world_configs_share_the_shipped_teachers_world(name, field, value):
     from tdm_r1.checkpoint import read_model
 
-    _, model_cfg, world, info = read_model("checkpoints/toy_ocr_layout_teacher.safetensors")
-    assert world.jitter_x == 48 and info.get("kind") == "teacher"
-    teacher = load_config("configs/toy_ocr_layout_teacher.yaml")
+    teacher_path = f"checkpoints/toy_ocr_{name}_teacher.safetensors"
+    _, model_cfg, world, info = read_model(teacher_path)
+    assert getattr(world, field) == value and info.get("kind") == "teacher"
+    teacher = load_config(f"configs/toy_ocr_{name}_teacher.yaml")
     assert teacher.world == world and teacher.model == model_cfg
-    for name in ("toy_ocr_layout_distill.yaml", "toy_ocr_layout_r1.yaml"):
-        cfg = load_config(Path("configs") / name)
-        assert cfg.world == world, name
-        assert cfg.roles.teacher == "checkpoints/toy_ocr_layout_teacher.safetensors", name
-    r1 = load_config("configs/toy_ocr_layout_r1.yaml")
+    for config in (f"toy_ocr_{name}_distill.yaml", f"toy_ocr_{name}_r1.yaml"):
+        cfg = load_config(Path("configs") / config)
+        assert cfg.world == world, config
+        assert cfg.roles.teacher == teacher_path, config
+    r1 = load_config(f"configs/toy_ocr_{name}_r1.yaml")
     assert r1.world.train_words == "configs/words/ocr_train.txt" and r1.eval.seeds > 1  # the stream, paired gain
 
 
