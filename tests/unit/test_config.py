@@ -102,7 +102,7 @@ def test_r1_configs_train_on_a_pool_of_train_words(name, size):
     assert not set(pool) & set(Path(cfg.world.heldout_words).read_text().split())
 
 
-@pytest.mark.parametrize(("name", "field", "value"), [("layout", "jitter_x", 48), ("blot", "blot_prob", 0.3)])
+@pytest.mark.parametrize(("name", "field", "value"), [("layout", "jitter_x", 48), ("blot", "blot_prob", 0.5)])
 def test_world_configs_share_the_shipped_teachers_world(name, field, value):
     from tdm_r1.checkpoint import read_model
 
