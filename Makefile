@@ -23,6 +23,16 @@ native: venv
 	cmake -S . -B build/native -DTDM_R1_PYTHON=$(CURDIR)/$(BIN)/python > /dev/null
 	cmake --build build/native -j 2 > /dev/null
 
+# The paper's two ablations and the control without the learned-reward term, each at the epoch budget of config $(1),
+# into $(2)_direct_rl, $(2)_eta1 and $(2)_no_reward; then their rows are added to $(2)/report.md.
+define ablation_runs
+	$(BIN)/tdm-r1 train --config $(1) --set run_dir=$(2)_direct_rl --set train.generator_loss=direct_rl
+	$(BIN)/tdm-r1 train --config $(1) --set run_dir=$(2)_eta1 --set train.eta=1.0
+	$(BIN)/tdm-r1 train --config $(1) --set run_dir=$(2)_no_reward --set tdm.trunc_steps=0
+	$(BIN)/tdm-r1 report --run $(2) --ablation direct_rl=$(2)_direct_rl --ablation eta_1=$(2)_eta1 \
+		--ablation no_reward_term=$(2)_no_reward
+endef
+
 # TDM-R1 from the shipped 4-step student on the toy OCR world; writes runs/demo/{report.md,summary.json,...}
 demo: venv native
 	$(BIN)/tdm-r1 train --config configs/toy_ocr_r1.yaml
@@ -31,11 +41,7 @@ demo: venv native
 # The paper's ablations at the demo's epoch budget (direct-RL generator loss; eta = 1 stochastic rollouts) and the
 # control without the learned-reward term (KL + CFG only), added as rows to runs/demo/report.md (run `make demo` first).
 ablations: venv native
-	$(BIN)/tdm-r1 train --config configs/toy_ocr_r1.yaml --set run_dir=runs/demo_direct_rl --set train.generator_loss=direct_rl
-	$(BIN)/tdm-r1 train --config configs/toy_ocr_r1.yaml --set run_dir=runs/demo_eta1 --set train.eta=1.0
-	$(BIN)/tdm-r1 train --config configs/toy_ocr_r1.yaml --set run_dir=runs/demo_no_reward --set tdm.trunc_steps=0
-	$(BIN)/tdm-r1 report --run runs/demo --ablation direct_rl=runs/demo_direct_rl --ablation eta_1=runs/demo_eta1 \
-		--ablation no_reward_term=runs/demo_no_reward
+	$(call ablation_runs,configs/toy_ocr_r1.yaml,runs/demo)
 
 # TDM-R1 on the layout world (text may be cut off at the right edge) from its shipped student, on the 10,000-word
 # stream; writes runs/layout/{report.md,summary.json,...} with the held-out rows at 4 eval seeds.
@@ -45,25 +51,17 @@ layout: venv native
 
 # The same ablations and control on the layout world, added as rows to runs/layout/report.md (run `make layout` first).
 layout-ablations: venv native
-	$(BIN)/tdm-r1 train --config configs/toy_ocr_layout_r1.yaml --set run_dir=runs/layout_direct_rl --set train.generator_loss=direct_rl
-	$(BIN)/tdm-r1 train --config configs/toy_ocr_layout_r1.yaml --set run_dir=runs/layout_eta1 --set train.eta=1.0
-	$(BIN)/tdm-r1 train --config configs/toy_ocr_layout_r1.yaml --set run_dir=runs/layout_no_reward --set tdm.trunc_steps=0
-	$(BIN)/tdm-r1 report --run runs/layout --ablation direct_rl=runs/layout_direct_rl --ablation eta_1=runs/layout_eta1 \
-		--ablation no_reward_term=runs/layout_no_reward
+	$(call ablation_runs,configs/toy_ocr_layout_r1.yaml,runs/layout)
 
-# TDM-R1 on the blot world (30% of the teacher's training renders have a block of ink over half the word) from its
-# shipped student, on the 10,000-word stream; writes runs/blot/{report.md,summary.json,...}.
+# TDM-R1 on the blot world (half of the teacher's last training renders have a block of ink over half the word) from
+# its shipped student, on the 10,000-word stream; writes runs/blot/{report.md,summary.json,...}.
 blot: venv native
 	$(BIN)/tdm-r1 train --config configs/toy_ocr_blot_r1.yaml
 	@cat runs/blot/report.md
 
 # The same ablations and control on the blot world, added as rows to runs/blot/report.md (run `make blot` first).
 blot-ablations: venv native
-	$(BIN)/tdm-r1 train --config configs/toy_ocr_blot_r1.yaml --set run_dir=runs/blot_direct_rl --set train.generator_loss=direct_rl
-	$(BIN)/tdm-r1 train --config configs/toy_ocr_blot_r1.yaml --set run_dir=runs/blot_eta1 --set train.eta=1.0
-	$(BIN)/tdm-r1 train --config configs/toy_ocr_blot_r1.yaml --set run_dir=runs/blot_no_reward --set tdm.trunc_steps=0
-	$(BIN)/tdm-r1 report --run runs/blot --ablation direct_rl=runs/blot_direct_rl --ablation eta_1=runs/blot_eta1 \
-		--ablation no_reward_term=runs/blot_no_reward
+	$(call ablation_runs,configs/toy_ocr_blot_r1.yaml,runs/blot)
 
 test: venv native
 	$(BIN)/python -m pytest -q

@@ -147,3 +147,17 @@ def load_checkpoint_tool(args: argparse.Namespace):
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     return model, build_world(cfg.world), cfg
+
+
+def score_heldout_samples(args: argparse.Namespace) -> tuple[Tensor, Tensor, float]:
+    """For a checkpoint tool: one sample per held-out word at eval seed --seed, its OCR scores, and the ink threshold
+    (halfway between the world's mean background and text levels). Returns (images [N, C, H, W], scores [N],
+    threshold)."""
+    from tdm_r1.evaluate import build_eval_reward, generate
+
+    model, world, cfg = load_checkpoint_tool(args)
+    words = world.words("heldout")
+    images = generate(model, world, words, args.nfe, args.cfg, cfg.tdm.shift, args.seed, cfg.eval.batch_size)
+    scores = build_eval_reward(cfg.reward, world)(images, [world.prompt(w) for w in words])
+    w = world.cfg
+    return images, scores, (sum(w.background_level) + sum(w.text_level)) / 4

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import json
 
-from tdm_r1.diagnostics import checkpoint_tool_parser, load_checkpoint_tool, solid_blocks
-from tdm_r1.evaluate import build_eval_reward, generate
+from tdm_r1.diagnostics import checkpoint_tool_parser, score_heldout_samples, solid_blocks
 
 
 def main() -> None:
@@ -21,16 +20,11 @@ def main() -> None:
     ap.add_argument("--min-width", type=int, default=4, help="columns a solid block needs to count as a blot")
     args = ap.parse_args()
 
-    model, world, cfg = load_checkpoint_tool(args)
-    words = world.words("heldout")
-    images = generate(model, world, words, args.nfe, args.cfg, cfg.tdm.shift, args.seed, cfg.eval.batch_size)
-    scores = build_eval_reward(cfg.reward, world)(images, [world.prompt(w) for w in words])
-    w = world.cfg
-    threshold = (sum(w.background_level) + sum(w.text_level)) / 4
+    images, scores, threshold = score_heldout_samples(args)
     blotted = solid_blocks(images[:, 0], threshold, min_width=args.min_width)["blotted"]
     out = {
         "checkpoint": args.checkpoint,
-        "n": len(words),
+        "n": len(scores),
         "ocr_mean": float(scores.mean()),
         "blotted": float(blotted.float().mean()),
         "ocr_mean_blotted": float(scores[blotted].mean()) if blotted.any() else None,

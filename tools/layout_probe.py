@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 
-from tdm_r1.diagnostics import checkpoint_tool_parser, ink_layout, load_checkpoint_tool
-from tdm_r1.evaluate import build_eval_reward, generate
+from tdm_r1.diagnostics import checkpoint_tool_parser, ink_layout, score_heldout_samples
 
 
 def main() -> None:
@@ -20,17 +19,12 @@ def main() -> None:
     ap.add_argument("--edge", type=int, default=2, help="columns at the right edge that count as cut off")
     args = ap.parse_args()
 
-    model, world, cfg = load_checkpoint_tool(args)
-    words = world.words("heldout")
-    images = generate(model, world, words, args.nfe, args.cfg, cfg.tdm.shift, args.seed, cfg.eval.batch_size)
-    scores = build_eval_reward(cfg.reward, world)(images, [world.prompt(w) for w in words])
-    w = world.cfg
-    threshold = (sum(w.background_level) + sum(w.text_level)) / 4
+    images, scores, threshold = score_heldout_samples(args)
     lay = ink_layout(images[:, 0], threshold, args.edge)
     edge = lay["at_edge"]
     out = {
         "checkpoint": args.checkpoint,
-        "n": len(words),
+        "n": len(scores),
         "ocr_mean": float(scores.mean()),
         "ink_left_mean": float(lay["left"].float().mean()),
         "ink_right_mean": float(lay["right"].float().mean()),
