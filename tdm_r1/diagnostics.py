@@ -149,6 +149,18 @@ def load_checkpoint_tool(args: argparse.Namespace):
     return model, build_world(cfg.world), cfg
 
 
+def split_scores(scores: Tensor, mask: Tensor, flagged: str, rest: str) -> dict:
+    """A probe's summary of scores [N] split by a boolean mask [N]: {flagged: share of the mask,
+    "ocr_mean_<flagged>": mean score where set, "ocr_mean_<rest>": where not} (None for an empty side)."""
+    if scores.shape != mask.shape or mask.dtype != torch.bool:
+        raise ValueError(f"split_scores: expected a bool mask shaped like the scores {tuple(scores.shape)}")
+    return {
+        flagged: float(mask.float().mean()),
+        f"ocr_mean_{flagged}": float(scores[mask].mean()) if mask.any() else None,
+        f"ocr_mean_{rest}": float(scores[~mask].mean()) if (~mask).any() else None,
+    }
+
+
 def score_heldout_samples(args: argparse.Namespace) -> tuple[Tensor, Tensor, float]:
     """For a checkpoint tool: one sample per held-out word at eval seed --seed, its OCR scores, and the ink threshold
     (halfway between the world's mean background and text levels). Returns (images [N, C, H, W], scores [N],

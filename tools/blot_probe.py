@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from tdm_r1.diagnostics import checkpoint_tool_parser, score_heldout_samples, solid_blocks
+from tdm_r1.diagnostics import checkpoint_tool_parser, score_heldout_samples, solid_blocks, split_scores
 
 
 def main() -> None:
@@ -26,9 +26,7 @@ def main() -> None:
         "checkpoint": args.checkpoint,
         "n": len(scores),
         "ocr_mean": float(scores.mean()),
-        "blotted": float(blotted.float().mean()),
-        "ocr_mean_blotted": float(scores[blotted].mean()) if blotted.any() else None,
-        "ocr_mean_clean": float(scores[~blotted].mean()) if (~blotted).any() else None,
+        **split_scores(scores, blotted, "blotted", "clean"),
     }
     print(json.dumps(out))
 

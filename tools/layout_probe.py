@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from tdm_r1.diagnostics import checkpoint_tool_parser, ink_layout, score_heldout_samples
+from tdm_r1.diagnostics import checkpoint_tool_parser, ink_layout, score_heldout_samples, split_scores
 
 
 def main() -> None:
@@ -21,16 +21,13 @@ def main() -> None:
 
     images, scores, threshold = score_heldout_samples(args)
     lay = ink_layout(images[:, 0], threshold, args.edge)
-    edge = lay["at_edge"]
     out = {
         "checkpoint": args.checkpoint,
         "n": len(scores),
         "ocr_mean": float(scores.mean()),
         "ink_left_mean": float(lay["left"].float().mean()),
         "ink_right_mean": float(lay["right"].float().mean()),
-        "at_edge": float(edge.float().mean()),
-        "ocr_mean_at_edge": float(scores[edge].mean()) if edge.any() else None,
-        "ocr_mean_inside": float(scores[~edge].mean()) if (~edge).any() else None,
+        **split_scores(scores, lay["at_edge"], "at_edge", "inside"),
     }
     print(json.dumps(out))
 

@@ -9,7 +9,15 @@ import torch
 
 from kernels.reference import velocity_target_mse_ref
 from tdm_r1.config import WorldConfig
-from tdm_r1.diagnostics import best_of_k, error_positions, format_probe, ink_layout, preference_probe, solid_blocks
+from tdm_r1.diagnostics import (
+    best_of_k,
+    error_positions,
+    format_probe,
+    ink_layout,
+    preference_probe,
+    solid_blocks,
+    split_scores,
+)
 from tdm_r1.worlds.ocr import build_world
 
 
@@ -128,3 +136,13 @@ def test_solid_blocks_tell_the_blot_worlds_renders_apart():
     blot = build_world(WorldConfig(blot_prob=1.0)).render_batch(words, np.random.default_rng(0))[:, 0]
     assert not solid_blocks(clean, 0.475)["blotted"].any()
     assert solid_blocks(blot, 0.475)["blotted"].all()
+
+
+def test_split_scores_hand_computed():
+    scores = torch.tensor([0.2, 1.0, 0.6, 0.8])
+    out = split_scores(scores, torch.tensor([True, False, True, False]), "blotted", "clean")
+    assert out == pytest.approx({"blotted": 0.5, "ocr_mean_blotted": 0.4, "ocr_mean_clean": 0.9})
+    none = split_scores(scores, torch.zeros(4, dtype=torch.bool), "at_edge", "inside")
+    assert none["at_edge"] == 0 and none["ocr_mean_at_edge"] is None and none["ocr_mean_inside"] == pytest.approx(0.65)
+    with pytest.raises(ValueError, match="bool mask"):
+        split_scores(scores, torch.ones(4), "a", "b")
