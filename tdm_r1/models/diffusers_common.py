@@ -209,12 +209,17 @@ class DiffusersFlowModel(nn.Module):
         encoders = self._text_encoders()
         for m in encoders:
             m.to(device)
+        # Every encoder call sees exactly encode_batch_size prompts (a short chunk is padded with the empty prompt):
+        # matmul kernels choose their blocking by shape, so a prompt's embedding would otherwise depend on how many
+        # prompts it was encoded with (the pooled CLIP output moved by 2.4e-7), and a resumed run, whose cache starts
+        # empty, would not reproduce the uninterrupted run. With one shape a row's result depends on its prompt only.
+        size = self.cfg.encode_batch_size
         rows = []
         with torch.no_grad():
-            for i in range(0, len(prompts), self.cfg.encode_batch_size):
-                out = self._encode(prompts[i : i + self.cfg.encode_batch_size], device)
-                n = len(next(iter(out.values())))
-                rows += [{k: v[j].cpu() for k, v in out.items()} for j in range(n)]
+            for i in range(0, len(prompts), size):
+                chunk = prompts[i : i + size]
+                out = self._encode(chunk + [""] * (size - len(chunk)), device)
+                rows += [{k: v[j].cpu() for k, v in out.items()} for j in range(len(chunk))]
         if self.cfg.offload_text_encoders and device.type != "cpu":
             self.offload_text_encoders()
         return rows

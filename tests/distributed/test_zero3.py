@@ -36,8 +36,20 @@ _spec.loader.exec_module(worker)
 
 # Per-epoch metrics of 2 ranks vs 1 process: the ranks run half-size batches (other matmul blocking), sum gradients
 # and group scores in another order and average metrics in float64. Measured max |diff| <= 1.5e-7 + 1.5e-5 |value|
-# over 2 epochs of full and lora mode.
+# over 2 epochs of full and lora mode, on AVX-512, AVX2 (ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
+# ONEDNN_MAX_CPU_ISA=AVX2) and ATEN_CPU_CAPABILITY=default, except for the surrogate's metrics below.
 RTOL, ATOL = 1e-4, 1e-6
+# The surrogate after its first optimizer step. Adam's first step, g / (|g| + 1e-8), turns the relative rounding error
+# of gradient elements that are nearly zero (summed in an order that depends on the layout and the SIMD width) into
+# weight differences of up to 3e-3 of the step: measured on the states after epoch 1 (AVX2), 1.0e-6 at lr 3e-4 in the
+# surrogate, 4.5e-7 in the fake score. The fake score's and generator's metrics are O(1) losses that do not notice;
+# the surrogate's are differences that cancel (its gradient sums A_i dl_i/dtheta with sum_i A_i = 0 in each group,
+# and it reports l - l_ref and advantage-weighted means), so every metric of the surrogate at epoch 2 inherits it:
+# measured relative differences in full mode (lora mode: smaller) at AVX-512 / default / AVX2 (two runs):
+# loss_sur 2.9e-8 / 9.6e-6 / 4.9e-5, grad_norm_surrogate 2.3e-7 / 5.3e-6 / 2.9e-5, sur_weight 3.6e-7 / 2.0e-6 /
+# 1.2e-5, and sur_l_minus_ref = mean(l - l_ref), the size of the surrogate's step itself (1e-3 against l ~ 1),
+# 2.1e-5 / 3.9e-4 / 3.2e-3. Bounds at 10x (6x for sur_l_minus_ref) the largest of them.
+SURROGATE_RTOL = {"loss_sur": 5e-4, "grad_norm_surrogate": 5e-4, "sur_weight": 5e-4, "sur_l_minus_ref": 2e-2}
 LAUNCH_TIMEOUT_S = 900
 
 
@@ -147,7 +159,8 @@ def test_two_ranks_give_the_single_process_metrics(runs, two_ranks, one_process)
             joint = math.sqrt(sum(rb.pop(f"grad_norm_{r}") ** 2 for r in ("generator", "fake", "surrogate")))
             assert norms == pytest.approx([joint] * 3, rel=RTOL) and joint < 1.0  # below optim.grad_clip
         for k in ra:
-            assert ra[k] == pytest.approx(rb[k], rel=RTOL, abs=ATOL), f"epoch {ra['epoch']} {k}"
+            rtol = SURROGATE_RTOL.get(k, RTOL) if ra["epoch"] > 1 else RTOL
+            assert ra[k] == pytest.approx(rb[k], rel=rtol, abs=ATOL), f"epoch {ra['epoch']} {k}"
 
 
 def test_resume_on_two_ranks_reproduces_the_uninterrupted_run(runs):

@@ -107,25 +107,39 @@ def _batch(args, kwargs) -> int:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_unique_prompt_is_encoded_once(kind, request):
-    model = load(kind, request.getfixturevalue(f"{kind}_dir"), prompt_cache_size=3)
+    model = load(kind, request.getfixturevalue(f"{kind}_dir"), prompt_cache_size=3, encode_batch_size=4)
     encoders = model._text_encoders()
     rows, hooks = _count_rows(encoders)
+    calls, encode = [], model._encode
+    model._encode = lambda prompts, device: calls.append(list(prompts)) or encode(prompts, device)
     try:
         group = [PROMPTS[0]] * 4 + [PROMPTS[1]] * 4  # two prompts, G = 4 samples each
         cond = model.encode_prompts(group)
-        # every encoder ran once over the 2 unique prompts plus the empty prompt
-        assert rows == [3] * len(encoders)
+        # one encoder call over the 2 unique prompts plus the empty prompt, padded to encode_batch_size
+        assert calls == [[PROMPTS[0], PROMPTS[1], "", ""]] and rows == [4] * len(encoders)
         assert len(cond) == 8 and all(torch.equal(v[0], v[3]) for v in cond.fields.values())
         assert not torch.equal(cond.fields["prompt_embeds"][0], cond.fields["prompt_embeds"][4])
         again = model.encode_prompts([PROMPTS[1], PROMPTS[0]])
-        assert rows == [3] * len(encoders)  # all cached
+        assert len(calls) == 1 and rows == [4] * len(encoders)  # all cached
         assert torch.equal(again.fields["prompt_embeds"][1], cond.fields["prompt_embeds"][0])
         model.encode_prompts([PROMPTS[2], "one more"])  # cache holds 3: evicts the least recently used
-        assert rows == [3] * len(encoders) + [2] * len(encoders)
+        assert calls[1] == [PROMPTS[2], "one more", "", ""] and rows == [4] * (2 * len(encoders))
         assert list(model.frozen.cache) == [PROMPTS[0], PROMPTS[2], "one more"]
     finally:
         for h in hooks:
             h.remove()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_prompts_embedding_does_not_depend_on_the_prompts_encoded_with_it(kind, request):
+    # a resumed run's cache starts empty: its embeddings must equal those the uninterrupted run cached in other company
+    model = load(kind, request.getfixturevalue(f"{kind}_dir"), encode_batch_size=4)
+    together = model.encode_prompts(PROMPTS[:3]).fields
+    for i, prompt in enumerate(PROMPTS[:3]):
+        model.clear_prompt_cache()
+        alone = model.encode_prompts([prompt]).fields
+        for k in together:
+            assert torch.equal(alone[k][0], together[k][i]), (prompt, k)
 
 
 @pytest.mark.parametrize("model", KINDS, indirect=True)
