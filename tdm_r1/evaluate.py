@@ -119,5 +119,19 @@ def evaluate_seeds(
     return out, runs[0][1]
 
 
+def read_and_score(reward, images: torch.Tensor, words: list[str], world) -> tuple[list[str | None], list[float]]:
+    """What a reading reward (OCR) read in each image and its score; rewards that do not read give None readings and
+    their own scores. Images [B, C, H, W] in [0, 1]."""
+    prompts = [world.prompt(w) for w in words]
+    if hasattr(reward, "read"):
+        from tdm_r1.rewards.ocr import ocr_score
+
+        imgs = images.detach().float().cpu().clamp(0, 1)
+        readings = reward.read(imgs.expand(-1, 3, -1, -1) if imgs.shape[1] == 1 else imgs)
+        return readings, [ocr_score(r, world.word_of(p)) for r, p in zip(readings, prompts)]
+    scores = score_images(reward, images, prompts, world.metadata_of(prompts))
+    return [None] * len(words), [float(s) for s in scores]
+
+
 def build_eval_reward(rcfg: RewardConfig, world: OCRWorld) -> OCRReward:
     return OCRReward(rcfg, world.word_of)

@@ -100,6 +100,7 @@ def report_markdown(summary: dict, ablations: dict[str, dict] | None = None, tit
     lines = [
         f"# {title}",
         "",
+        *headline_lines(summary, m),
         f"Held-out {what}; a row evaluated at several eval seeds pools them (n samples) and gives the standard error "
         "of its per-seed means.",
         "",
@@ -115,7 +116,7 @@ def report_markdown(summary: dict, ablations: dict[str, dict] | None = None, tit
 
     for key, name in ROWS:
         if key in summary:
-            lines.append(row(name, summary[key]))
+            lines.append(row(row_name(key, name, summary[key]), summary[key]))
     for name, s in (ablations or {}).items():
         lines.append(row(f"ablation: {name}, 4 NFE", s["tdm_r1_4nfe"]))
     lines += ["", gain_line(summary["gain_4nfe"], m)] if summary.get("gain_4nfe") else []
@@ -139,12 +140,47 @@ def report_markdown(summary: dict, ablations: dict[str, dict] | None = None, tit
         "",
         "![reward curve](reward_curve.png)",
         "",
-        "Start (same seed): ![start](samples_start.png)",
+        "The start and end generators on the same held-out words and noise (each tile: the word, what the reward "
+        "read, its score; green = exact): ![start vs end](samples_start_end.png)",
+        "",
+        "Start: ![start](samples_start.png)",
         "",
         "End: ![end](samples_end.png)",
         "",
     ]
     return "\n".join(lines)
+
+
+def row_name(key: str, name: str, result: dict) -> str:
+    """A report row's name with the sampler it was evaluated with (the teacher's CFG scale, the NFE)."""
+    if key == "teacher_32nfe_cfg" and "nfe" in result:
+        return f"Teacher, {result['nfe']} NFE + CFG {result.get('cfg', '?'):g}"
+    return name
+
+
+def headline_lines(summary: dict, metric: str) -> list[str]:
+    """The comparison a reader comes for, in one sentence: TDM-R1 at K steps against the teacher's many-step CFG row
+    and the starting generator (paired over eval seeds when it was evaluated at several)."""
+    final, teacher = summary.get("tdm_r1_4nfe"), summary.get("teacher_32nfe_cfg")
+    if not final or not teacher or "nfe" not in teacher:
+        return []
+    key = f"{metric}_mean"
+
+    def value(r: dict) -> str:
+        sem = f" +- {r[f'{key}_sem']:.3f} ({len(r['seeds'])} seeds)" if f"{key}_sem" in r else ""
+        return f"{r[key]:.3f}{sem}"
+
+    text = (
+        f"**TDM-R1 at {final.get('nfe', 4)} NFE: {value(final)} held-out {metric} vs the teacher at "
+        f"{teacher.get('nfe', '?')} NFE + CFG {teacher.get('cfg', 0):g}: {value(teacher)} "
+        f"({final[key] - teacher[key]:+.3f})"
+    )
+    gain = summary.get("gain_4nfe")
+    if gain:
+        text += f"; vs the TDM student at the same NFE: {gain[key]:+.3f}"
+        if "sem" in gain:
+            text += f" +- {gain['sem']:.3f} paired ({gain['seeds_positive']}/{len(gain['per_seed'])} seeds positive)"
+    return [text + ".**", ""]
 
 
 def paired_gain(start: dict, final: dict, metric: str = "ocr") -> dict:
@@ -191,6 +227,107 @@ def gain_line(gain: dict, metric: str = "ocr", seeds_field: str = "eval.seeds") 
     return text + "."
 
 
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def sample_captions(words: list[str], readings: list[str | None], scores: list[float]) -> list[list[str]]:
+    """Caption lines of each tile: the target word, then what the reward read (if it reads) and its score."""
+    out = []
+    for word, reading, score in zip(words, readings, scores):
+        got = "?" if reading is None else (reading[:14] or "(nothing)")
+        out.append([word[:24], f"{got}  {score:.2f}"])
+    return out
+
+
+def save_labelled_grid(
+    images: torch.Tensor,
+    captions: list[list[str]],
+    path: str | Path,
+    cols: int = 4,
+    scale: int = 3,
+    marks: list[bool] | None = None,
+) -> None:
+    """images [B, 3, H, W] in [0, 1] -> one PNG grid, each tile upscaled `scale` x with its caption lines below it;
+    a tile whose mark is True gets a green caption (e.g. an exact OCR reading), else red."""
+    from PIL import ImageDraw
+
+    b, _, h, w = images.shape
+    if len(captions) != b:
+        raise ValueError(f"save_labelled_grid: {b} images but {len(captions)} captions")
+    font, line_h, gap = _font(12), 14, 6
+    n_lines = max((len(c) for c in captions), default=0)
+    tw, th = w * scale, h * scale + n_lines * line_h + 2
+    tile_w = max(tw, 120)
+    rows = max(1, math.ceil(b / cols))
+    canvas = Image.new("RGB", (cols * (tile_w + gap) + gap, rows * (th + gap) + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    arr = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    for i in range(b):
+        r, c = divmod(i, cols)
+        x0, y0 = gap + c * (tile_w + gap), gap + r * (th + gap)
+        tile = Image.fromarray(arr[i]).resize((tw, h * scale), Image.NEAREST)
+        canvas.paste(tile, (x0, y0))
+        colour = (0, 0, 0) if marks is None else ((0, 110, 0) if marks[i] else (170, 0, 0))
+        for k, line in enumerate(captions[i]):
+            draw.text((x0, y0 + h * scale + 1 + k * line_h), line, fill=(0, 0, 0) if k == 0 else colour, font=font)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def save_start_end_grid(
+    start: torch.Tensor,
+    end: torch.Tensor,
+    start_captions: list[list[str]],
+    end_captions: list[list[str]],
+    path: str | Path,
+    pairs_per_row: int = 2,
+    marks: tuple[list[bool], list[bool]] | None = None,
+) -> None:
+    """The start and end generators' samples of the same words and noise side by side: tile 2i is the start's
+    sample of word i ("start: ..."), tile 2i + 1 the end's ("end: ...")."""
+    if start.shape != end.shape or not len(start_captions) == len(end_captions) == start.shape[0]:
+        raise ValueError("save_start_end_grid: start and end must hold the same samples")
+    images = torch.stack([start, end], 1).flatten(0, 1)
+    captions, flags = [], []
+    for i, (a, b) in enumerate(zip(start_captions, end_captions)):
+        captions += [[a[0], "start: " + a[1]], [b[0], "end: " + b[1]]]
+        if marks is not None:
+            flags += [marks[0][i], marks[1][i]]
+    save_labelled_grid(images, captions, path, cols=2 * pairs_per_row, marks=flags if marks is not None else None)
+
+
+SAMPLE_TILES = 64  # labelled tiles per grid for small (toy) images; the start / end grid shows half of them as pairs
+SAMPLE_TILES_LARGE = 16  # for larger images (diffusers runs)
+
+
+def sample_tiles(images: torch.Tensor) -> int:
+    """How many of a stage's samples the labelled grids show."""
+    return SAMPLE_TILES if images.shape[-2] * images.shape[-1] <= 64 * 64 else SAMPLE_TILES_LARGE
+
+
+def save_samples(path: Path, images: torch.Tensor, words: list[str], readings: list, scores: list[float]) -> None:
+    """Samples as uint8 [N, C, H, W] with their words, readings and scores in the safetensors metadata."""
+    from safetensors.torch import save_file
+
+    u8 = (images.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).contiguous()
+    meta = {"words": json.dumps(words), "readings": json.dumps(readings), "scores": json.dumps(scores)}
+    save_file({"images": u8}, str(path), metadata=meta)
+
+
+def load_samples(path: Path) -> tuple[torch.Tensor, list[str], list, list[float]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta, images = f.metadata(), f.get_tensor("images")
+    return images.float() / 255, *(json.loads(meta[k]) for k in ("words", "readings", "scores"))
+
+
 class RunReporter:
     """Per-epoch JSONL (+ TensorBoard when available), sample grids, reward curve and report.md."""
 
@@ -217,6 +354,31 @@ class RunReporter:
 
     def grid(self, images: torch.Tensor, name: str, n: int = 64) -> None:
         save_grid(images[:n], self.run / name, cols=8)
+
+    def samples(self, stage: str, images: torch.Tensor, words: list[str], readings: list, scores: list[float]) -> None:
+        """samples_<stage>.png: the first samples, each tile labelled with its word, reading and score. The start's
+        samples are also kept (samples_start.safetensors, uint8) so that the end draws samples_start_end.png: the
+        same words and noise before and after training, side by side (a resumed run included)."""
+        n = sample_tiles(images)
+        images, words, readings, scores = images[:n], words[:n], readings[:n], scores[:n]
+        scale = max(1, min(3, 192 // images.shape[-1]))
+        captions, marks = sample_captions(words, readings, scores), [s >= 1.0 for s in scores]
+        save_labelled_grid(images, captions, self.run / f"samples_{stage}.png", cols=4, scale=scale, marks=marks)
+        kept = self.run / "samples_start.safetensors"
+        if stage == "start":
+            save_samples(kept, images, words, readings, scores)
+        elif stage == "end" and kept.is_file():
+            s_images, s_words, s_readings, s_scores = load_samples(kept)
+            k = min(len(s_words), len(words)) // 2
+            if s_words[:k] == words[:k] and k > 0:
+                save_start_end_grid(
+                    s_images[:k],
+                    images[:k],
+                    sample_captions(s_words[:k], s_readings[:k], s_scores[:k]),
+                    captions[:k],
+                    self.run / "samples_start_end.png",
+                    marks=([x >= 1.0 for x in s_scores[:k]], marks[:k]),
+                )
 
     def finish(self, summary: dict, ablations: dict[str, dict] | None = None) -> None:
         self.jsonl.close()

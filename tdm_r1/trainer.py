@@ -405,7 +405,6 @@ def evaluate_role(
     """Sample and score: the toy world by OCR, a diffusers run by its configured rewards (`eval_metric`), at `seeds`
     eval seeds from cfg.eval.seed (`evaluate_seeds`: > 1 adds per-seed means and their standard error). Distributed:
     every rank samples (partitioned roles run collectively), rank 0 scores and shares the result."""
-    from tdm_r1.build import is_diffusers
     from tdm_r1.evaluate import evaluate, evaluate_seeds, generate
 
     if not dist.is_main:
@@ -414,17 +413,35 @@ def evaluate_role(
             for i in range(seeds)
         ]
         return dist.broadcast_object(None), images[0]
-    if "reward" not in state:
-        from tdm_r1.evaluate import build_eval_reward
-
-        state["reward"] = build_train_scorer(cfg, world) if is_diffusers(cfg) else build_eval_reward(cfg.reward, world)
-    metric = eval_metric(cfg)
+    reward, metric = eval_reward(cfg, world, state), eval_metric(cfg)
 
     def one(ecfg) -> tuple[dict, Tensor]:
-        return evaluate(role, world, state["reward"], words, nfe, guidance, cfg.tdm.shift, ecfg, metric=metric)
+        return evaluate(role, world, reward, words, nfe, guidance, cfg.tdm.shift, ecfg, metric=metric)
 
     result, images = evaluate_seeds(one, cfg.eval, seeds, metric)
     return dist.broadcast_object(result), images
+
+
+def eval_reward(cfg: Config, world, state: dict):
+    """The evaluation reward, built once per run into `state`: OCR on the toy world, the weighted train.rewards on a
+    diffusers run."""
+    from tdm_r1.build import is_diffusers
+    from tdm_r1.evaluate import build_eval_reward
+
+    if "reward" not in state:
+        state["reward"] = build_train_scorer(cfg, world) if is_diffusers(cfg) else build_eval_reward(cfg.reward, world)
+    return state["reward"]
+
+
+def label_samples(reporter, stage: str, images: Tensor, words: list[str], cfg: Config, world, state: dict) -> None:
+    """Rank 0: the labelled sample grid of `stage` (start / end) with what the evaluation reward read and scored."""
+    from tdm_r1.evaluate import read_and_score
+    from tdm_r1.report import sample_tiles
+
+    if reporter is not None:
+        n = sample_tiles(images)
+        readings, scores = read_and_score(eval_reward(cfg, world, state), images[:n], words[:n], world)
+        reporter.samples(stage, images[:n], words[:n], readings, scores)
 
 
 def eval_seeds(cfg: Config) -> tuple[int, int, int]:
@@ -626,6 +643,8 @@ RUN_OUTPUTS = (
     "reward_curve.png",
     "samples_start.png",
     "samples_end.png",
+    "samples_start.safetensors",
+    "samples_start_end.png",
     "generator.safetensors",
     "pipeline",
     "checkpoints",
@@ -719,8 +738,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         images = generate(
             roles.generator_ema, world, heldout, cfg.tdm.steps, 1.0, cfg.tdm.shift, cfg.eval.seed, cfg.eval.batch_size
         )
-        if reporter is not None:
-            reporter.grid(images, "samples_start.png")
+        label_samples(reporter, "start", images, heldout, cfg, world, eval_state)
     n_train = {k: sum(getattr(p, "ds_numel", p.numel()) for p in v) for k, v in roles.trainable().items()}
     dist.print(
         f"train: {cfg.roles.mode} roles, trainable {n_train}, {tc.epochs} epochs of "
@@ -781,7 +799,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         "epochs": progress.step,
     }
     if reporter is not None:
-        reporter.grid(images, "samples_end.png")
+        label_samples(reporter, "end", images, heldout, cfg, world, eval_state)
         (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         reporter.finish(summary)
     dist.print(f"train: wrote {generator} after {minutes:.1f} min; held-out {m}_mean {final[f'{m}_mean']:.3f}")

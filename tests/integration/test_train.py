@@ -144,6 +144,9 @@ def test_four_epochs_equal_two_plus_resume_plus_two(paths, tmp_path):
     assert all(torch.equal(ga[k], gb[k]) for k in ga)
     for name in ("report.md", "summary.json", "reward_curve.png", "samples_start.png", "samples_end.png"):
         assert (tmp_path / "full" / name).is_file(), name
+    # the start grid was drawn by the first process, the end by the resumed one: the same pairs as uninterrupted
+    pair = "samples_start_end.png"
+    assert (tmp_path / "half" / pair).read_bytes() == (tmp_path / "full" / pair).read_bytes()
 
 
 @register_reward("always_fails")
@@ -321,6 +324,13 @@ def test_summary_rows_at_several_eval_seeds_and_the_paired_gain(paths, tmp_path)
     assert two["gain_4nfe_train"]["per_seed"] == pytest.approx(train_gain)
     report = (tmp_path / "two" / "report.md").read_text()
     assert "(2 seeds)" in report and "On the train-split words" in report
+    final, teacher = two["tdm_r1_4nfe"], two["teacher_32nfe_cfg"]
+    diff = final["ocr_mean"] - teacher["ocr_mean"]
+    headline = (
+        f"**TDM-R1 at 4 NFE: {final['ocr_mean']:.3f} +- {final['ocr_mean_sem']:.3f} (2 seeds) held-out ocr vs the "
+        f"teacher at 2 NFE + CFG {teacher['cfg']:g}: {teacher['ocr_mean']:.3f} ({diff:+.3f})"
+    )
+    assert report.split("\n")[2].startswith(headline), report.split("\n")[2]  # the report opens with it
 
     # the train-split rows at their own seed count, the held-out rows at one
     three = train(make_cfg(paths, tmp_path / "three", *extra, "eval.train_seeds=2"))

@@ -1,8 +1,22 @@
-"""Run reports: the curve's held-out points and the report table."""
+"""Run reports: the curve's held-out points, the report table and headline, labelled sample grids."""
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
-from tdm_r1.report import paired_gain, plot_curves, report_markdown, summary_points
+from tdm_r1.evaluate import read_and_score
+from tdm_r1.report import (
+    RunReporter,
+    headline_lines,
+    paired_gain,
+    plot_curves,
+    report_markdown,
+    sample_captions,
+    save_labelled_grid,
+    save_start_end_grid,
+    summary_points,
+)
 
 
 def _eval(v, exact=0.5):
@@ -77,3 +91,94 @@ def test_paired_gain_differences_per_seed():
     # rows at other seeds are not paired: only the difference of the means
     assert paired_gain(a, {**b, "seeds": [1, 2, 3]}) == {"ocr_mean": pytest.approx(0.02)}
     assert paired_gain({"reward_mean": 1.0}, {"reward_mean": 1.5}, "reward") == {"reward_mean": 0.5}
+
+
+def test_headline_compares_tdm_r1_with_the_teacher_and_the_student():
+    teacher = {**_eval(0.838), "nfe": 32, "cfg": 3.0}
+    start = {**_eval(0.82), "seeds": [1, 2], "ocr_mean_per_seed": [0.81, 0.83], "ocr_mean_sem": 0.01}
+    final = {**_eval(0.976), "nfe": 4, "seeds": [1, 2], "ocr_mean_per_seed": [0.97, 0.982], "ocr_mean_sem": 0.006}
+    summary = {"teacher_32nfe_cfg": teacher, "tdm_4nfe": start, "tdm_r1_4nfe": final}
+    summary["gain_4nfe"] = paired_gain(start, final)  # per seed +0.16, +0.152: mean +0.156, SE 0.004
+    assert headline_lines(summary, "ocr") == [
+        "**TDM-R1 at 4 NFE: 0.976 +- 0.006 (2 seeds) held-out ocr vs the teacher at 32 NFE + CFG 3: 0.838 (+0.138); "
+        "vs the TDM student at the same NFE: +0.156 +- 0.004 paired (2/2 seeds positive).**",
+        "",
+    ]
+    text = report_markdown(summary)
+    assert text.split("\n")[2] == headline_lines(summary, "ocr")[0]  # the report opens with it
+    assert "| Teacher, 32 NFE + CFG 3 | 0.838 | 0.500 | 4 |" in text and "samples_start_end.png" in text
+    assert headline_lines({"tdm_r1_4nfe": final}, "ocr") == []  # no teacher row: no comparison to make
+
+
+def test_captions_name_the_word_the_reading_and_the_score():
+    captions = sample_captions(["CAT", "DOG", "EMU"], ["CAT", "", None], [1.0, 0.0, 0.25])
+    assert captions == [["CAT", "CAT  1.00"], ["DOG", "(nothing)  0.00"], ["EMU", "?  0.25"]]
+
+
+def _grey_tiles(values):  # [B, 3, 4, 8] tiles of one grey level each
+    return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 4, 8).clone()
+
+
+def test_labelled_grid_places_each_upscaled_tile_with_its_caption(tmp_path):
+    images = _grey_tiles([0.0, 0.5, 1.0])
+    save_labelled_grid(images, [["A", "x"], ["B", "y"], ["C", "z"]], tmp_path / "g.png", cols=2, scale=3,
+                       marks=[True, False, True])  # fmt: skip
+    img = np.asarray(Image.open(tmp_path / "g.png").convert("RGB"))
+    tile_w, tile_h = 120, 4 * 3 + 2 * 14 + 2  # tiles are at least 120 px wide; two caption lines of 14 px
+    assert img.shape == (6 + 2 * (tile_h + 6), 6 + 2 * (tile_w + 6), 3)
+    for i, grey in enumerate([0, 128, 255]):
+        r, c = divmod(i, 2)
+        y, x = 6 + r * (tile_h + 6), 6 + c * (tile_w + 6)
+        assert (img[y : y + 12, x : x + 24] == grey).all(), i  # the 4 x 8 tile at 3x
+        caption = img[y + 12 : y + tile_h, x : x + tile_w].astype(int)
+        green = ((caption[..., 1] - caption[..., 0]) > 60).any()
+        red = ((caption[..., 0] - caption[..., 1]) > 60).any()
+        assert (green, red) == ((True, False) if i != 1 else (False, True)), i  # the mark colours the second line
+    with pytest.raises(ValueError, match="3 images but 2 captions"):
+        save_labelled_grid(images, [["A"], ["B"]], tmp_path / "bad.png")
+
+
+def test_start_end_grid_pairs_the_same_word_side_by_side(tmp_path):
+    start, end = _grey_tiles([0.0, 0.2]), _grey_tiles([1.0, 0.6])
+    save_start_end_grid(start, end, [["A", "a"], ["B", "b"]], [["A", "a2"], ["B", "b2"]], tmp_path / "p.png",
+                        pairs_per_row=1)  # fmt: skip
+    img = np.asarray(Image.open(tmp_path / "p.png").convert("L"))
+    tile_h = 12 + 2 * 14 + 2
+    greys = [[img[6 + r * (tile_h + 6) + 1, 6 + c * 126 + 1] for c in range(2)] for r in range(2)]
+    assert greys == [[0, 255], [51, 153]]  # row i: word i's start, then its end
+    with pytest.raises(ValueError, match="same samples"):
+        save_start_end_grid(start, end[:1], [["A", "a"]] * 2, [["A", "a"]], tmp_path / "bad.png")
+
+
+class _Reader:
+    def read(self, images):
+        return ["CAT", "DGO"][: len(images)]
+
+
+class _World:
+    def prompt(self, w):
+        return f'a sign that says "{w}"'
+
+    def word_of(self, p):
+        return p.split('"')[1]
+
+    def metadata_of(self, prompts):
+        return None
+
+
+def test_read_and_score_uses_the_readings_of_a_reading_reward():
+    readings, scores = read_and_score(_Reader(), torch.rand(2, 3, 4, 8), ["CAT", "DOG"], _World())
+    assert readings == ["CAT", "DGO"] and scores == [1.0, pytest.approx(1 / 3)]  # DGO: 2 edits of 3 letters
+    dark = lambda images, prompts, metadata=None: images.mean((1, 2, 3))  # noqa: E731  (a reward that does not read)
+    readings, scores = read_and_score(dark, _grey_tiles([0.25, 0.75]), ["CAT", "DOG"], _World())
+    assert readings == [None, None] and scores == [0.25, 0.75]
+
+
+def test_reporter_draws_start_end_pairs_only_for_the_same_words(tmp_path):
+    rep = RunReporter(tmp_path, tensorboard=False)
+    rep.samples("start", _grey_tiles([0.0, 0.5]), ["CAT", "DOG"], ["CAT", "DOC"], [1.0, 2 / 3])
+    assert (tmp_path / "samples_start.png").is_file() and (tmp_path / "samples_start.safetensors").is_file()
+    rep.samples("end", _grey_tiles([1.0, 1.0]), ["EMU", "DOG"], ["EMU", "DOG"], [1.0, 1.0])
+    assert (tmp_path / "samples_end.png").is_file() and not (tmp_path / "samples_start_end.png").exists()
+    rep.samples("end", _grey_tiles([1.0, 1.0]), ["CAT", "DOG"], ["CAT", "DOG"], [1.0, 1.0])
+    assert (tmp_path / "samples_start_end.png").is_file()
