@@ -311,21 +311,20 @@ def sample_tiles(images: torch.Tensor) -> int:
     return SAMPLE_TILES if images.shape[-2] * images.shape[-1] <= 64 * 64 else SAMPLE_TILES_LARGE
 
 
-def save_samples(path: Path, images: torch.Tensor, words: list[str], readings: list, scores: list[float]) -> None:
-    """Samples as uint8 [N, C, H, W] with their words, readings and scores in the safetensors metadata."""
+def save_samples(path: Path, images: torch.Tensor, words: list[str]) -> None:
+    """Samples as uint8 [N, C, H, W] with their words in the safetensors metadata."""
     from safetensors.torch import save_file
 
     u8 = (images.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).contiguous()
-    meta = {"words": json.dumps(words), "readings": json.dumps(readings), "scores": json.dumps(scores)}
-    save_file({"images": u8}, str(path), metadata=meta)
+    save_file({"images": u8}, str(path), metadata={"words": json.dumps(words)})
 
 
-def load_samples(path: Path) -> tuple[torch.Tensor, list[str], list, list[float]]:
+def load_samples(path: Path) -> tuple[torch.Tensor, list[str]]:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         meta, images = f.metadata(), f.get_tensor("images")
-    return images.float() / 255, *(json.loads(meta[k]) for k in ("words", "readings", "scores"))
+    return images.float() / 255, json.loads(meta["words"])
 
 
 class RunReporter:
@@ -355,30 +354,31 @@ class RunReporter:
     def grid(self, images: torch.Tensor, name: str, n: int = 64) -> None:
         save_grid(images[:n], self.run / name, cols=8)
 
-    def samples(self, stage: str, images: torch.Tensor, words: list[str], readings: list, scores: list[float]) -> None:
-        """samples_<stage>.png: the first samples, each tile labelled with its word, reading and score. The start's
-        samples are also kept (samples_start.safetensors, uint8) so that the end draws samples_start_end.png: the
-        same words and noise before and after training, side by side (a resumed run included)."""
+    def keep_start(self, images: torch.Tensor, words: list[str]) -> None:
+        """The starting generator's first samples: an unlabelled samples_start.png now, and the samples themselves
+        (samples_start.safetensors, uint8) for the labelled grids at the end of the run, a resumed run included."""
         n = sample_tiles(images)
-        images, words, readings, scores = images[:n], words[:n], readings[:n], scores[:n]
+        save_grid(images[:n], self.run / "samples_start.png", cols=8)
+        save_samples(self.run / "samples_start.safetensors", images[:n], words[:n])
+
+    def kept_start(self) -> tuple[torch.Tensor, list[str]] | None:
+        path = self.run / "samples_start.safetensors"
+        return load_samples(path) if path.is_file() else None
+
+    def labelled_samples(self, stage: str, images: torch.Tensor, words: list[str], readings: list, scores: list):
+        """samples_<stage>.png: each tile labelled with its word, what the reward read and the score (green: exact)."""
         scale = max(1, min(3, 192 // images.shape[-1]))
-        captions, marks = sample_captions(words, readings, scores), [s >= 1.0 for s in scores]
+        marks = [s >= 1.0 for s in scores]
+        captions = sample_captions(words, readings, scores)
         save_labelled_grid(images, captions, self.run / f"samples_{stage}.png", cols=4, scale=scale, marks=marks)
-        kept = self.run / "samples_start.safetensors"
-        if stage == "start":
-            save_samples(kept, images, words, readings, scores)
-        elif stage == "end" and kept.is_file():
-            s_images, s_words, s_readings, s_scores = load_samples(kept)
-            k = min(len(s_words), len(words)) // 2
-            if s_words[:k] == words[:k] and k > 0:
-                save_start_end_grid(
-                    s_images[:k],
-                    images[:k],
-                    sample_captions(s_words[:k], s_readings[:k], s_scores[:k]),
-                    captions[:k],
-                    self.run / "samples_start_end.png",
-                    marks=([x >= 1.0 for x in s_scores[:k]], marks[:k]),
-                )
+
+    def start_end_pairs(self, start: tuple, end: tuple) -> None:
+        """samples_start_end.png: half of the tiles as (start, end) pairs of the same words and noise; `start` and
+        `end` are (images, words, readings, scores)."""
+        k = min(len(start[1]), len(end[1])) // 2
+        captions = [sample_captions(w[:k], r[:k], s[:k]) for _, w, r, s in (start, end)]
+        marks = tuple([x >= 1.0 for x in s[:k]] for *_, s in (start, end))
+        save_start_end_grid(start[0][:k], end[0][:k], *captions, self.run / "samples_start_end.png", marks=marks)
 
     def finish(self, summary: dict, ablations: dict[str, dict] | None = None) -> None:
         self.jsonl.close()

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels import fused_renoise, fused_revised_x0_loss, fused_sampler_step, fused_velocity_target_mse
 from tdm_r1.advantages import group_advantages
 from tdm_r1.config import Config, TDMConfig, TrainConfig
 from tdm_r1.distill import PromptStream, fake_score_backward
@@ -37,6 +36,7 @@ from tdm_r1.report import paired_gain
 from tdm_r1.rewards.base import RewardFailureError, score_images
 from tdm_r1.roles import Roles
 from tdm_r1.sampling import Trajectory, rollout
+from tdm_r1_kernels import fused_renoise, fused_revised_x0_loss, fused_sampler_step, fused_velocity_target_mse
 
 # Config keys that may change between a run and its resumption (how long it runs and what it writes).
 RESUMABLE_CHANGES = (
@@ -433,15 +433,29 @@ def eval_reward(cfg: Config, world, state: dict):
     return state["reward"]
 
 
-def label_samples(reporter, stage: str, images: Tensor, words: list[str], cfg: Config, world, state: dict) -> None:
-    """Rank 0: the labelled sample grid of `stage` (start / end) with what the evaluation reward read and scored."""
+def label_samples(reporter, images: Tensor, words: list[str], cfg: Config, world, state: dict) -> None:
+    """Rank 0, end of a run: the labelled grids of the start (kept at epoch 0) and the end samples, with what the
+    evaluation reward read and scored; one reward call for both."""
     from tdm_r1.evaluate import read_and_score
     from tdm_r1.report import sample_tiles
 
-    if reporter is not None:
-        n = sample_tiles(images)
-        readings, scores = read_and_score(eval_reward(cfg, world, state), images[:n], words[:n], world)
-        reporter.samples(stage, images[:n], words[:n], readings, scores)
+    if reporter is None:
+        return
+    n = sample_tiles(images)
+    end, end_words = images[:n], words[:n]
+    kept = reporter.kept_start()
+    start, start_words = (end[:0], []) if kept is None else kept
+    readings, scores = read_and_score(
+        eval_reward(cfg, world, state), torch.cat([start, end]), start_words + end_words, world
+    )
+    k = len(start_words)
+    reporter.labelled_samples("end", end, end_words, readings[k:], scores[k:])
+    if k:
+        reporter.labelled_samples("start", start, start_words, readings[:k], scores[:k])
+        half = min(k, n) // 2  # the pairs: the same words (and noise) before and after training
+        if half and start_words[:half] == end_words[:half]:
+            ends = (end, end_words, readings[k:], scores[k:])
+            reporter.start_end_pairs((start, start_words, readings[:k], scores[:k]), ends)
 
 
 def eval_seeds(cfg: Config) -> tuple[int, int, int]:
@@ -738,7 +752,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         images = generate(
             roles.generator_ema, world, heldout, cfg.tdm.steps, 1.0, cfg.tdm.shift, cfg.eval.seed, cfg.eval.batch_size
         )
-        label_samples(reporter, "start", images, heldout, cfg, world, eval_state)
+        if reporter is not None:
+            reporter.keep_start(images, heldout)
     n_train = {k: sum(getattr(p, "ds_numel", p.numel()) for p in v) for k, v in roles.trainable().items()}
     dist.print(
         f"train: {cfg.roles.mode} roles, trainable {n_train}, {tc.epochs} epochs of "
@@ -799,7 +814,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         "epochs": progress.step,
     }
     if reporter is not None:
-        label_samples(reporter, "end", images, heldout, cfg, world, eval_state)
+        label_samples(reporter, images, heldout, cfg, world, eval_state)
         (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         reporter.finish(summary)
     dist.print(f"train: wrote {generator} after {minutes:.1f} min; held-out {m}_mean {final[f'{m}_mean']:.3f}")

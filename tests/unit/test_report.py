@@ -174,11 +174,16 @@ def test_read_and_score_uses_the_readings_of_a_reading_reward():
     assert readings == [None, None] and scores == [0.25, 0.75]
 
 
-def test_reporter_draws_start_end_pairs_only_for_the_same_words(tmp_path):
+def test_reporter_keeps_the_start_samples_and_labels_them_with_the_end(tmp_path):
     rep = RunReporter(tmp_path, tensorboard=False)
-    rep.samples("start", _grey_tiles([0.0, 0.5]), ["CAT", "DOG"], ["CAT", "DOC"], [1.0, 2 / 3])
-    assert (tmp_path / "samples_start.png").is_file() and (tmp_path / "samples_start.safetensors").is_file()
-    rep.samples("end", _grey_tiles([1.0, 1.0]), ["EMU", "DOG"], ["EMU", "DOG"], [1.0, 1.0])
-    assert (tmp_path / "samples_end.png").is_file() and not (tmp_path / "samples_start_end.png").exists()
-    rep.samples("end", _grey_tiles([1.0, 1.0]), ["CAT", "DOG"], ["CAT", "DOG"], [1.0, 1.0])
-    assert (tmp_path / "samples_start_end.png").is_file()
+    assert rep.kept_start() is None
+    rep.keep_start(_grey_tiles([0.0, 0.5]), ["CAT", "DOG"])
+    assert (tmp_path / "samples_start.png").is_file()
+    images, words = RunReporter(tmp_path, tensorboard=False).kept_start()  # e.g. the resumed process
+    assert words == ["CAT", "DOG"] and torch.equal(images, _grey_tiles([0.0, 128 / 255]))  # stored as uint8
+    rep.labelled_samples("end", _grey_tiles([1.0, 1.0]), ["CAT", "DOG"], ["CAT", "DOC"], [1.0, 2 / 3])
+    rep.start_end_pairs(
+        (images, words, ["CAT", ""], [1.0, 0.0]), (_grey_tiles([1.0, 1.0]), words, ["CAT"] * 2, [1.0] * 2)
+    )
+    for name in ("samples_end.png", "samples_start_end.png"):
+        assert Image.open(tmp_path / name).size[0] > 0, name
