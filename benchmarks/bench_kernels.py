@@ -32,10 +32,10 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-import kernels as K  # noqa: E402
-from kernels import reference as R  # noqa: E402
-from kernels._common import HAS_TRITON  # noqa: E402
-from kernels.dispatch import load_native  # noqa: E402
+import tdm_r1_kernels as K  # noqa: E402
+from tdm_r1_kernels import reference as R  # noqa: E402
+from tdm_r1_kernels._common import HAS_TRITON  # noqa: E402
+from tdm_r1_kernels.dispatch import load_native  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

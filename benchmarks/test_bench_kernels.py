@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from benchmarks.bench_kernels import CASES, GATE, provider_fn, rel_err
-from kernels._common import HAS_TRITON
-from kernels.dispatch import load_native
+from tdm_r1_kernels._common import HAS_TRITON
+from tdm_r1_kernels.dispatch import load_native
 
 SIZE = 1 << 22  # 4M elements: past the caches of a laptop/server CPU, quick enough for pytest-benchmark's rounds
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

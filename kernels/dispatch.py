@@ -2,7 +2,7 @@
 
 CUDA -> triton; CPU -> native when the CMake-built library is present, else reference.
 `TDM_R1_KERNELS=reference|native|triton` overrides the choice (an unusable override is an error, never a
-silent fallback). The choice is logged once per device type through the `kernels` logger.
+silent fallback). The choice is logged once per device type through the `tdm_r1_kernels` logger.
 float64 tensors always take the reference (the fused kernels compute in fp32), also logged once.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kernels._common import HAS_TRITON, interpreting
+from ._common import HAS_TRITON, interpreting
 
 __all__ = ["BACKENDS", "load_native", "native_available", "native_library_path", "resolve_backend", "reset"]
 
@@ -23,7 +23,7 @@ ENV_BACKEND = "TDM_R1_KERNELS"
 ENV_LIBRARY = "TDM_R1_NATIVE_LIB"
 LIBRARY_NAME = "libtdm_r1_native.so"
 
-logger = logging.getLogger("kernels")
+logger = logging.getLogger("tdm_r1_kernels")
 
 _native_state: dict[str, object] = {}
 _chosen: dict[str, str] = {}
@@ -69,7 +69,9 @@ def _check_usable(backend: str, device: torch.device) -> None:
         if not HAS_TRITON:
             raise RuntimeError("triton kernels requested but triton is not installed (pip install 'tdm-r1[triton]')")
         if device.type == "cpu" and not interpreting():
-            raise RuntimeError("triton kernels on CPU tensors need TRITON_INTERPRET=1 set before importing kernels")
+            raise RuntimeError(
+                "triton kernels on CPU tensors need TRITON_INTERPRET=1 set before importing tdm_r1_kernels"
+            )
 
 
 def _default(device: torch.device) -> tuple[str, str]:

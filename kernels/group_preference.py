@@ -3,7 +3,7 @@
 Two steps so a group spanning ranks can be summed in between (the caller all-reduces the scores):
 `fused_group_preference_scores` (segmented sums) then `fused_group_preference_weights` (sigmoid and gates);
 `fused_group_preference` runs both for a single process. Gate definitions are in
-`kernels.reference.group_preference_weights_ref`. Every output is detached (weights and gates carry no
+`tdm_r1_kernels.reference.group_preference_weights_ref`. Every output is detached (weights and gates carry no
 gradient), so there is no backward.
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._common import alloc, launch_opts, tl, triton
-from kernels.dispatch import resolve_backend
-from kernels.reference import (
+from ._common import alloc, launch_opts, tl, triton
+from .dispatch import resolve_backend
+from .reference import (
     GroupPreference,
     group_preference_scores_ref,
     group_preference_weights_ref,

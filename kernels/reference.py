@@ -5,7 +5,7 @@ Per-sample tensors have shape [B]; per-element tensors [B, ...]. Every reference
 computes, and returns per-element outputs in the input dtype and per-sample values in fp32.
 The `*_coefficients` helpers turn per-sample schedule values into per-sample fp32 coefficients (computed
 in fp64); every backend uses them, so all backends apply identical coefficients.
-float64 inputs run here on every device (`kernels.dispatch`): `sampler_step` and `renoise` then compute in
+float64 inputs run here on every device (`tdm_r1_kernels.dispatch`): `sampler_step` and `renoise` then compute in
 float64 with float64 coefficients (exact samplers for numerical analysis); the loss ops still compute in fp32.
 """
 

@@ -1,6 +1,6 @@
 """Re-noising to a higher noise level: x_tau = a x + b n, a = (1 - tau)/(1 - s), b = sqrt(tau^2 - (a s)^2).
 
-(a, b) per sample come from `kernels.reference.renoise_coefficients` (limits at s = 1 and tau = s are
+(a, b) per sample come from `tdm_r1_kernels.reference.renoise_coefficients` (limits at s = 1 and tau = s are
 documented there). Backward is linear: grad_x = a g, grad_n = b g. Where re-noising directly follows a
 sampler step, `fused_sampler_step(..., noise=, tau=)` does both in one pass.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._common import block_for, check_like, check_out, compute_dtype, launch_opts, out_rows, rows, tl, triton
-from kernels.dispatch import resolve_backend
-from kernels.reference import renoise_coefficients, renoise_ref
+from ._common import block_for, check_like, check_out, compute_dtype, launch_opts, out_rows, rows, tl, triton
+from .dispatch import resolve_backend
+from .reference import renoise_coefficients, renoise_ref
 
 __all__ = ["RenoiseFunction", "fused_renoise", "renoise_bwd", "renoise_fwd"]
 

@@ -2,7 +2,8 @@
 
 n_KL = n_CFG = mean|x0_hat - ref_real| + eps and n_reward = mean|x0_hat - ref_reward| + eps are computed in
 the same pass and carry no gradient; the weights w_k are the caller's (w_kl, w_cfg, w_reward), per call or per
-sample (`kernels.reference.revised_x0_weights`). One pass produces five per-sample sums; backward is a second pass:
+sample (`tdm_r1_kernels.reference.revised_x0_weights`). One pass produces five per-sample sums; backward is a
+second pass:
 dL_i/dx0_hat = (2/D) sum_k (w_k / n_k) (x0_hat - target_k), D the per-sample element count.
 """
 
@@ -11,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._common import alloc, block_for, check_like, compute_dtype, launch_opts, rows, tl, triton
-from kernels.dispatch import resolve_backend
-from kernels.reference import REVISED_X0_EPS, RevisedX0Weights, revised_x0_loss_ref, revised_x0_weights
+from ._common import alloc, block_for, check_like, compute_dtype, launch_opts, rows, tl, triton
+from .dispatch import resolve_backend
+from .reference import REVISED_X0_EPS, RevisedX0Weights, revised_x0_loss_ref, revised_x0_weights
 
 __all__ = ["RevisedX0LossFunction", "fused_revised_x0_loss", "revised_x0_loss_bwd", "revised_x0_loss_fwd"]
 

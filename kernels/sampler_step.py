@@ -1,8 +1,8 @@
 """Few-step sampler update: x0_hat = x - s v, x_next = x - (s - s_next) v [+ c2 (x0_prev - x0_hat)] [, x_tau].
 
 The optional DPM-Solver++(2M) term and its coefficient c2 are derived in
-`kernels.reference.sampler_step_coefficients`; the optional fused re-noising is x_tau = a x_next + b n with
-(a, b) from `kernels.reference.renoise_coefficients(s_next, tau)`, applied to the fp32 x_next.
+`tdm_r1_kernels.reference.sampler_step_coefficients`; the optional fused re-noising is x_tau = a x_next + b n with
+(a, b) from `tdm_r1_kernels.reference.renoise_coefficients(s_next, tau)`, applied to the fp32 x_next.
 Backward (s, s_next, s_prev are schedule constants, no gradient): with g_n = g_next + a g_tau,
 grad_x = (1 - c2) g_n + g_x0, grad_v = (c2 s - dt) g_n - s g_x0, grad_x0_prev = c2 g_n, grad_noise = b g_tau.
 """
@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from kernels._common import (
+from ._common import (
     alloc,
     block_for,
     check_like,
@@ -26,8 +26,8 @@ from kernels._common import (
     tl,
     triton,
 )
-from kernels.dispatch import resolve_backend
-from kernels.reference import elementwise_dtype, renoise_coefficients, sampler_step_coefficients, sampler_step_ref
+from .dispatch import resolve_backend
+from .reference import elementwise_dtype, renoise_coefficients, sampler_step_coefficients, sampler_step_ref
 
 __all__ = ["SamplerStep", "SamplerStepFunction", "fused_sampler_step", "sampler_step_bwd", "sampler_step_fwd"]
 

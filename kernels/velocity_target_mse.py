@@ -1,6 +1,6 @@
 """Per-sample l = mean((v* - v_pred)^2), v* = cx x + cn n = -x/(1-s) + (n/b)(tau + s^2 a/(1-s)), never stored.
 
-(cx, cn) come from `kernels.reference.velocity_target_coefficients` (exactly (-1, 1) at s = 0, so v* = n - x).
+(cx, cn) come from `tdm_r1_kernels.reference.velocity_target_coefficients` (exactly (-1, 1) at s = 0, so v* = n - x).
 v* is a target: gradients flow to v_pred only. Backward: dl_i/dv_pred = (2/D) (v_pred - v*), D the
 per-sample element count, recomputing v* from x and n instead of saving it.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._common import alloc, block_for, check_like, compute_dtype, launch_opts, rows, tl, triton
-from kernels.dispatch import resolve_backend
-from kernels.reference import velocity_target_coefficients, velocity_target_mse_ref
+from ._common import alloc, block_for, check_like, compute_dtype, launch_opts, rows, tl, triton
+from .dispatch import resolve_backend
+from .reference import velocity_target_coefficients, velocity_target_mse_ref
 
 __all__ = [
     "VelocityTargetMSEFunction",

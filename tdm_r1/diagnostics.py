@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from kernels import fused_renoise, fused_velocity_target_mse
+from tdm_r1_kernels import fused_renoise, fused_velocity_target_mse
 
 
 def best_of_k(rewards: Tensor) -> dict[int, float]:

@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from kernels import fused_revised_x0_loss, fused_sampler_step
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.config import Config, OptimConfig, TDMConfig, save_config, to_dict
 from tdm_r1.distributed import Shard
@@ -32,6 +31,7 @@ from tdm_r1.models.base import Cond
 from tdm_r1.report import JsonlLogger
 from tdm_r1.roles import Role, Roles, build_roles
 from tdm_r1.sampling import Trajectory, rollout
+from tdm_r1_kernels import fused_revised_x0_loss, fused_sampler_step
 
 # Config keys that may differ between a run and its resumption (they do not change the trajectory of
 # the training state, only how long it runs and what is written).

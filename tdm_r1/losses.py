@@ -2,7 +2,7 @@
 the surrogate's group preference and loss.
 
 Rectified flow: x_s = (1 - s) x0 + s eps, v = eps - x0, x0_hat = x - s v. Per-sample schedule values
-(s, tau) are [B] tensors. The math of DESIGN section 6 runs only in the fused ops of `kernels`, which the
+(s, tau) are [B] tensors. The math of DESIGN section 6 runs only in the fused ops of `tdm_r1_kernels`, which the
 trainers call directly: `fused_sampler_step`, `fused_renoise`, `fused_velocity_target_mse` (the surrogate's
 per-sample loss), `fused_revised_x0_loss` (with the weights of `generator_term_weights`) and the group
 preference kernels (through `group_preference` below). The fake-score target (x_tau - x0_hat) / tau is the
@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from kernels import fused_group_preference_scores, fused_group_preference_weights
 from tdm_r1.sampling import shift_time
+from tdm_r1_kernels import fused_group_preference_scores, fused_group_preference_weights
 
 
 def _bcast(c: Tensor, like: Tensor) -> Tensor:
@@ -64,7 +64,7 @@ def fake_score_loss(
 
 def generator_term_weights(j: int, trunc_steps: int, w_tdm: float, with_reward: bool) -> tuple[float, float, float]:
     """(w_kl, w_cfg, w_reward) of L = w_kl L_kl + w_cfg L_cfg + w_reward L_reward at step index j, the weights
-    `kernels.fused_revised_x0_loss` applies.
+    `tdm_r1_kernels.fused_revised_x0_loss` applies.
 
     TDM-R1 (reward on): (1, w_tdm, 1 - w_tdm) for j < trunc_steps, else (w_tdm, w_tdm, 0).
     TDM distillation (reward off): w_tdm applies to CFG and KL only, (w_tdm, w_tdm, 0) at every step.

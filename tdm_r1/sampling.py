@@ -4,7 +4,7 @@
 - `rollout`: the deterministic few-step sampler returning the whole trajectory (all K + 1 states,
   the s values and the model outputs), with a DPM-Solver++(2M) option and an `eta` stochastic
   re-noising option (ablation only).
-Every update runs the fused `kernels.fused_sampler_step`, the op the training losses differentiate through.
+Every update runs the fused `tdm_r1_kernels.fused_sampler_step`, the op the training losses differentiate through.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels import fused_sampler_step
 from tdm_r1.models.base import Cond, FlowModel
+from tdm_r1_kernels import fused_sampler_step
 
 
 def shift_time(u: Tensor, k: float) -> Tensor:

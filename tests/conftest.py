@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
-# tests/kernels/ has the name of the `kernels` package: with the repository root first on sys.path, `import
-# kernels` finds the package rather than that test directory, also under a plain `pytest` (no cwd on sys.path).
+# The repository root first on sys.path: `tdm_r1` imports from this checkout even where another copy is installed,
+# also under a plain `pytest` (no cwd on sys.path). The fused ops import as `tdm_r1_kernels`, the installed name of
+# kernels/ (an editable install maps it to this checkout's folder).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if not torch.cuda.is_available():

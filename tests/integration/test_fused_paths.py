@@ -10,13 +10,13 @@ import pytest
 import torch
 from utils import TINY, save_tiny_teacher
 
-from kernels import dispatch
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1 import distill, trainer
 from tdm_r1.config import load_config
 from tdm_r1.rewards import build_reward
 from tdm_r1.roles import build_roles
 from tdm_r1.worlds.ocr import build_world
+from tdm_r1_kernels import dispatch
 
 RUN = [
     "train.prompts_per_epoch=2",

@@ -1,6 +1,6 @@
 """Kernel-test fixtures: the native library (built with CMake on first use), output poisoning, backends.
 
-tests/conftest.py sets TRITON_INTERPRET=1 on machines without CUDA before anything imports `kernels`.
+tests/conftest.py sets TRITON_INTERPRET=1 on machines without CUDA before anything imports `tdm_r1_kernels`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/utils.py, whatever pytest's import mode
 
-from kernels import dispatch  # noqa: E402
-from kernels._common import HAS_TRITON, interpreting, poison_outputs  # noqa: E402
+from tdm_r1_kernels import dispatch  # noqa: E402
+from tdm_r1_kernels._common import HAS_TRITON, interpreting, poison_outputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_DIR = ROOT / "build" / "native"
@@ -66,7 +66,7 @@ def _poison():
         yield
 
 
-# (backend, device). Triton on CPU runs in the interpreter, which must be chosen before `kernels` is imported.
+# (backend, device). Triton on CPU runs in the interpreter, which must be chosen before `tdm_r1_kernels` is imported.
 BACKENDS = [
     pytest.param(("native", "cpu"), id="native"),
     pytest.param(("triton", "cpu"), id="triton-interpret"),

@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from kernels import dispatch, fused_renoise, fused_sampler_step
+from tdm_r1_kernels import dispatch, fused_renoise, fused_sampler_step
 
 
 @pytest.fixture(autouse=True)
@@ -17,7 +17,7 @@ def _fresh(monkeypatch):
 
 
 def test_cpu_default_is_native_when_built(native_lib, caplog):
-    with caplog.at_level(logging.INFO, logger="kernels"):
+    with caplog.at_level(logging.INFO, logger="tdm_r1_kernels"):
         assert dispatch.resolve_backend(torch.device("cpu")) == "native"
         assert dispatch.resolve_backend(torch.device("cpu")) == "native"
     lines = [r.getMessage() for r in caplog.records if "backend" in r.getMessage()]
@@ -26,7 +26,7 @@ def test_cpu_default_is_native_when_built(native_lib, caplog):
 
 def test_cpu_falls_back_to_reference_without_library(monkeypatch, caplog):
     monkeypatch.setattr(dispatch, "native_library_path", lambda: None)
-    with caplog.at_level(logging.INFO, logger="kernels"):
+    with caplog.at_level(logging.INFO, logger="tdm_r1_kernels"):
         assert dispatch.resolve_backend(torch.device("cpu")) == "reference"
     assert any("not built" in r.getMessage() for r in caplog.records)
     x = torch.randn(2, 5)
@@ -60,7 +60,7 @@ def test_unusable_choices_are_errors(monkeypatch):
 def test_float64_takes_the_float64_reference(native_lib, caplog):
     """No fused kernel computes in float64: float64 inputs run the reference (logged once), and the sampler step
     and re-noising keep float64 precision (exact samplers for numerical checks)."""
-    with caplog.at_level(logging.INFO, logger="kernels"):
+    with caplog.at_level(logging.INFO, logger="tdm_r1_kernels"):
         assert dispatch.resolve_backend(torch.device("cpu"), dtype=torch.float64) == "reference"
         assert dispatch.resolve_backend(torch.device("cpu"), dtype=torch.float64) == "reference"
         assert dispatch.resolve_backend(torch.device("cpu"), dtype=torch.float32) == "native"

@@ -4,8 +4,8 @@ import pytest
 import torch
 from utils import assert_close
 
-from kernels import fused_group_preference, fused_group_preference_scores, fused_group_preference_weights
-from kernels.reference import group_preference_ref
+from tdm_r1_kernels import fused_group_preference, fused_group_preference_scores, fused_group_preference_weights
+from tdm_r1_kernels.reference import group_preference_ref
 
 # (samples, groups): one sample; groups that do not divide the batch; more members than one Triton block (64)
 SIZES = [(1, 1), (37, 5), (700, 3), (1000, 41)]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from utils import leaf, make
 
-from kernels import fused_revised_x0_loss, fused_sampler_step, fused_velocity_target_mse
+from tdm_r1_kernels import fused_revised_x0_loss, fused_sampler_step, fused_velocity_target_mse
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ import math
 import torch
 from utils import assert_close, fp32_leaf, leaf, make
 
-from kernels import fused_renoise
-from kernels.reference import renoise_coefficients, renoise_ref
+from tdm_r1_kernels import fused_renoise
+from tdm_r1_kernels.reference import renoise_coefficients, renoise_ref
 
 
 def noise_levels(B: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,8 +4,8 @@ import pytest
 import torch
 from utils import assert_close, dims_numel, fp32_leaf, leaf, make
 
-from kernels import fused_revised_x0_loss
-from kernels.reference import REVISED_X0_EPS, revised_x0_loss_ref, revised_x0_weights
+from tdm_r1_kernels import fused_revised_x0_loss
+from tdm_r1_kernels.reference import REVISED_X0_EPS, revised_x0_loss_ref, revised_x0_weights
 
 
 @pytest.mark.parametrize("with_reward", [True, False], ids=["reward", "no-reward"])

@@ -4,8 +4,8 @@ import pytest
 import torch
 from utils import assert_close, fp32_leaf, leaf, make
 
-from kernels import fused_renoise, fused_sampler_step
-from kernels.reference import renoise_coefficients, sampler_step_ref
+from tdm_r1_kernels import fused_renoise, fused_sampler_step
+from tdm_r1_kernels.reference import renoise_coefficients, sampler_step_ref
 
 VARIANTS = ["euler", "dpm2m", "euler+renoise", "dpm2m+renoise"]
 

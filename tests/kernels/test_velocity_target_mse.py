@@ -3,8 +3,8 @@
 import torch
 from utils import assert_close, dims_numel, fp32_leaf, leaf, make
 
-from kernels import fused_velocity_target_mse
-from kernels.reference import velocity_target_coefficients, velocity_target_mse_ref
+from tdm_r1_kernels import fused_velocity_target_mse
+from tdm_r1_kernels.reference import velocity_target_coefficients, velocity_target_mse_ref
 
 
 def levels(B: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.reference import velocity_target_mse_ref
 from tdm_r1.config import WorldConfig
 from tdm_r1.diagnostics import (
     best_of_k,
@@ -19,6 +18,7 @@ from tdm_r1.diagnostics import (
     split_scores,
 )
 from tdm_r1.worlds.ocr import build_world
+from tdm_r1_kernels.reference import velocity_target_mse_ref
 
 
 def test_best_of_k_hand_computed():

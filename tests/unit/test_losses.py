@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from kernels import fused_renoise, fused_revised_x0_loss
 from tdm_r1.losses import (
     fake_score_loss,
     generator_targets,
@@ -15,6 +14,7 @@ from tdm_r1.losses import (
     x0_from_velocity,
 )
 from tdm_r1.sampling import shift_time
+from tdm_r1_kernels import fused_renoise, fused_revised_x0_loss
 
 
 def t(*rows):

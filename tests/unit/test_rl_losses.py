@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from kernels import fused_renoise, fused_velocity_target_mse
 from tdm_r1.advantages import group_advantages
 from tdm_r1.losses import group_preference, surrogate_loss
+from tdm_r1_kernels import fused_renoise, fused_velocity_target_mse
 
 
 def test_group_advantages_hand_case():

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from kernels import fused_sampler_step
 from tdm_r1.models.base import Cond
 from tdm_r1.sampling import eta_ray_point, rollout, schedule, shift_time
+from tdm_r1_kernels import fused_sampler_step
 
 
 class GaussianFlow:
