@@ -42,7 +42,7 @@ def load_run_teacher(cfg: Config) -> nn.Module:
         from tdm_r1.distill import load_teacher
 
         return load_teacher(cfg)
-    from tdm_r1.models.diffusers_common import load_diffusers_model
+    from tdm_r1.models.load import load_diffusers_model
 
     return load_diffusers_model(cfg.model, cfg.diffusers).eval().requires_grad_(False)
 

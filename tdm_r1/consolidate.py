@@ -101,8 +101,8 @@ def export_pipeline(
     which must be the one it was trained against) with the role's transformer; in lora mode the adapter merged into
     it (lora="merge") or kept beside it as pytorch_lora_weights.safetensors (lora="adapter")."""
     from tdm_r1.build import folder_fingerprint
-    from tdm_r1.models.diffusers_common import load_diffusers_model
     from tdm_r1.models.export import export_diffusers_pipeline
+    from tdm_r1.models.load import load_diffusers_model
 
     if lora not in ("merge", "adapter"):
         raise ValueError(f"lora must be 'merge' or 'adapter', got {lora!r}")

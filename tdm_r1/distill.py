@@ -24,10 +24,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from tdm_r1 import checkpoint as ckpt
-from tdm_r1.config import Config, OptimConfig, TDMConfig, save_config, to_dict
+from tdm_r1.config import Config, TDMConfig, save_config, to_dict
 from tdm_r1.distributed import Shard
 from tdm_r1.losses import fake_score_loss, generator_targets, generator_term_weights, sample_tau, x0_from_velocity
 from tdm_r1.models.base import Cond
+from tdm_r1.optim import build_optimizers, optimizer_step, update_shadow
 from tdm_r1.report import JsonlLogger
 from tdm_r1.roles import Role, Roles, build_roles
 from tdm_r1.sampling import Trajectory, rollout
@@ -75,31 +76,6 @@ class PromptStream:
 
     def load(self, state: dict) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-
-
-def build_optimizers(roles: Roles, ocfg: OptimConfig) -> dict[str, torch.optim.AdamW]:
-    settings = {
-        "generator": (ocfg.generator_lr, ocfg.generator_betas),
-        "fake": (ocfg.fake_lr, ocfg.fake_betas),
-        "surrogate": (ocfg.surrogate_lr, ocfg.surrogate_betas),
-    }
-    return {
-        name: torch.optim.AdamW(
-            params, lr=settings[name][0], betas=tuple(settings[name][1]), weight_decay=ocfg.weight_decay
-        )
-        for name, params in roles.trainable().items()
-    }
-
-
-def optimizer_step(opt, params: list[torch.nn.Parameter], clip: float) -> float:
-    """Clip, step, zero; returns the pre-clip gradient norm. A role's DeepSpeed engine (tdm_r1.distributed) reduces
-    the gradients across ranks, clips and steps by itself."""
-    if not isinstance(opt, torch.optim.Optimizer):
-        return opt.step()
-    norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return norm
 
 
 def _per_sample(value: float, like: Tensor) -> Tensor:
@@ -196,7 +172,7 @@ def distill_step(
     rec |= sums
     rec["grad_norm_fake"] = optimizer_step(opts["fake"], fake_params, ocfg.grad_clip)
     rec["grad_norm_generator"] = optimizer_step(opts["generator"], roles.trainable()["generator"], ocfg.grad_clip)
-    roles.update_shadow("generator_ema", ocfg.generator_ema_decay)
+    update_shadow(roles, "generator_ema", ocfg.generator_ema_decay)
     rec["j_mean"] = float(np.mean(js))
     rec["sample_std"] = float(traj.sample.std())
     return rec

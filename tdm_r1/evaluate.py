@@ -14,13 +14,13 @@ import torch
 
 from tdm_r1.config import EvalConfig, RewardConfig
 from tdm_r1.models.base import FlowModel
-from tdm_r1.rewards.base import score_images
+from tdm_r1.rewards.base import Reward, score_images
 from tdm_r1.rewards.ocr import OCRReward
 from tdm_r1.sampling import rollout
-from tdm_r1.worlds.ocr import OCRWorld
+from tdm_r1.worlds.base import World
 
 
-def eval_words(world: OCRWorld, split: str, n_train: int, seed: int) -> list[str]:
+def eval_words(world: World, split: str, n_train: int, seed: int) -> list[str]:
     words = world.words(split)
     if split == "train" and n_train < len(words):
         idx = np.random.default_rng(seed).choice(len(words), n_train, replace=False)
@@ -31,7 +31,7 @@ def eval_words(world: OCRWorld, split: str, n_train: int, seed: int) -> list[str
 @torch.no_grad()
 def generate(
     model: FlowModel,
-    world: OCRWorld,
+    world: World,
     words: list[str],
     nfe: int,
     cfg: float,
@@ -54,8 +54,8 @@ def generate(
 
 def evaluate(
     model: FlowModel,
-    world: OCRWorld,
-    reward: OCRReward,
+    world: World,
+    reward: Reward,
     words: list[str],
     nfe: int,
     cfg: float,
@@ -133,5 +133,5 @@ def read_and_score(reward, images: torch.Tensor, words: list[str], world) -> tup
     return [None] * len(words), [float(s) for s in scores]
 
 
-def build_eval_reward(rcfg: RewardConfig, world: OCRWorld) -> OCRReward:
+def build_eval_reward(rcfg: RewardConfig, world: World) -> OCRReward:
     return OCRReward(rcfg, world.word_of)

@@ -174,17 +174,6 @@ class Roles:
             t.copy_(tensors[k])
 
     @torch.no_grad()
-    def update_shadow(self, shadow: str, decay: float) -> None:
-        """shadow <- decay * shadow + (1 - decay) * source (generator_ema, slow_surrogate)."""
-        from tdm_r1.distributed import local_partition, regather
-
-        dst, src = getattr(self, shadow), getattr(self, SHADOWS[shadow])
-        for pd, ps in zip(dst.parameters(), src.parameters(), strict=True):
-            # ZeRO-3: both are partitioned alike, so each rank updates its own partition
-            local_partition(pd).lerp_(local_partition(ps), 1.0 - decay)
-        regather(dst.parameters())
-
-    @torch.no_grad()
     def export(self, role: str = "generator_ema") -> dict[str, Tensor]:
         """Plain model weights of one role (adapters merged into the base in lora mode)."""
         r = getattr(self, role)

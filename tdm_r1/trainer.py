@@ -32,6 +32,7 @@ from tdm_r1.losses import (
     x0_from_velocity,
 )
 from tdm_r1.models.base import Cond
+from tdm_r1.optim import build_optimizers, optimizer_step, update_shadow
 from tdm_r1.report import paired_gain
 from tdm_r1.rewards.base import RewardFailureError, score_images
 from tdm_r1.roles import Roles
@@ -352,7 +353,6 @@ def update_phase(
 ) -> dict[str, float]:
     """fake -> surrogate -> generator for every micro-batch and M drawn steps; gradients accumulate
     into `tc.optimizer_steps_per_epoch` optimizer steps per role. Returns means over all ranks' samples."""
-    from tdm_r1.distill import optimizer_step
 
     mbs = micro_batches(batch)
     n_steps = max(1, min(tc.optimizer_steps_per_epoch, len(mbs)))
@@ -381,8 +381,8 @@ def update_phase(
         for role in ("fake", "surrogate", "generator"):
             norm = optimizer_step(opts[role], trainable[role], cfg.optim.grad_clip)
             sums[f"grad_norm_{role}"] = sums.get(f"grad_norm_{role}", 0.0) + norm * count / n_steps
-        roles.update_shadow("generator_ema", cfg.optim.generator_ema_decay)
-        roles.update_shadow("slow_surrogate", slow_decay)
+        update_shadow(roles, "generator_ema", cfg.optim.generator_ema_decay)
+        update_shadow(roles, "slow_surrogate", slow_decay)
     out = dist.mean_metrics({k: v / count for k, v in sums.items()})
     out["slow_decay"] = slow_decay
     return out
@@ -699,7 +699,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     from tdm_r1 import distributed
     from tdm_r1.build import build_run_world, is_diffusers, load_run_generator_init, load_run_teacher, teacher_id
     from tdm_r1.config import save_config
-    from tdm_r1.distill import Progress, _truncate_log, build_optimizers, resolve_resume
+    from tdm_r1.distill import Progress, _truncate_log, resolve_resume
     from tdm_r1.evaluate import eval_words
     from tdm_r1.report import RunReporter
     from tdm_r1.roles import build_roles

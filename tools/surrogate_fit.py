@@ -19,7 +19,8 @@ import torch
 
 from tdm_r1.config import load_config
 from tdm_r1.diagnostics import preference_probe
-from tdm_r1.distill import PromptStream, build_optimizers, load_generator_init, load_teacher, optimizer_step
+from tdm_r1.distill import PromptStream, load_generator_init, load_teacher
+from tdm_r1.optim import build_optimizers, optimizer_step, update_shadow
 from tdm_r1.rewards import build_reward
 from tdm_r1.roles import build_roles
 from tdm_r1.trainer import (
@@ -87,7 +88,7 @@ def main() -> None:
             for mb in micro_batches(b):
                 surrogate_backward(roles, mb, draw_surrogate_step(tdm.steps, gen), tc, tdm, gen, 1.0)
                 optimizer_step(opt, roles.trainable()["surrogate"], cfg.optim.grad_clip)
-                roles.update_shadow("slow_surrogate", slow_decay)
+                update_shadow(roles, "slow_surrogate", slow_decay)
                 step += 1
         print(f"pass {p + 1}: {step} surrogate steps, {time.time() - t0:.0f} s")
         print(probe_line("in-sample", roles, data[0], tdm.steps, args.seed + 1))

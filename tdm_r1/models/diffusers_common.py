@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from tdm_r1.config import DiffusersConfig, ModelConfig
+from tdm_r1.config import DiffusersConfig
 from tdm_r1.models.base import Cond
 
 logger = logging.getLogger(__name__)
@@ -270,16 +270,3 @@ def load_pipeline(pipeline_cls, transformer_cls, root: Path, cfg: DiffusersConfi
         )
         pipe = pipeline_cls.from_pretrained(root, transformer=transformer, dtype=dtype, local_files_only=True)
     return transformer, pipe
-
-
-def load_diffusers_model(model_cfg: ModelConfig, cfg: DiffusersConfig) -> DiffusersFlowModel:
-    """The FlowModel for model.kind sd3 / zimage, from cfg.path."""
-    if model_cfg.kind == "sd3":
-        from tdm_r1.models.sd3 import load_sd3
-
-        return load_sd3(cfg)
-    if model_cfg.kind == "zimage":
-        from tdm_r1.models.zimage import load_zimage
-
-        return load_zimage(cfg)
-    raise ValueError(f"model.kind={model_cfg.kind!r} is not a diffusers model (expected sd3 or zimage)")

@@ -60,10 +60,21 @@ class Reward(Protocol):
     ) -> torch.Tensor: ...
 
 
-_REGISTRY: dict[str, Callable[..., Reward]] = {}
+# The built-in rewards by name, as import paths "module:factory": a reward's module (and the packages it needs) is
+# imported only when a run uses it. A new reward is its own module plus one line here; a user's reward needs no line
+# at all: `name: my_package.my_module:build_my_reward` in train.rewards, or register_reward at run time.
+BUILTIN_REWARDS: dict[str, str] = {
+    "ocr": "tdm_r1.rewards.ocr:build_ocr_reward",
+    "dark_fraction": "tdm_r1.rewards.simple:build_dark_fraction",
+    "pickscore": "tdm_r1.rewards.pickscore:build_pickscore",
+    "geneval": "tdm_r1.rewards.geneval:build_geneval",
+}
+_REGISTRY: dict[str, Callable[..., Reward]] = {}  # registered at run time (register_reward)
 
 
 def register_reward(name: str) -> Callable:
+    """Decorator: make `factory(cfg=, word_of=, term=, **_) -> Reward` buildable under `name` in this process."""
+
     def deco(factory: Callable[..., Reward]) -> Callable[..., Reward]:
         _REGISTRY[name] = factory
         return factory
@@ -71,15 +82,28 @@ def register_reward(name: str) -> Callable:
     return deco
 
 
+def reward_factory(name: str) -> Callable[..., Reward]:
+    """The factory of a registered name, a built-in name or an import path "module:factory"; a clear error otherwise."""
+    import importlib
+
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    path = BUILTIN_REWARDS.get(name, name if ":" in name else None)
+    if path is None:
+        known = ", ".join(sorted({*BUILTIN_REWARDS, *_REGISTRY}))
+        raise ValueError(f"unknown reward {name!r}; registered: {known}; or an import path 'package.module:factory'")
+    module, _, attr = path.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), attr, None)
+    except ImportError as e:
+        raise ValueError(f"reward {name!r}: cannot import {module!r}: {e}") from e
+    if not callable(factory):
+        raise ValueError(f"reward {name!r}: {module!r} has no callable {attr!r}")
+    return factory
+
+
 def build_reward(name: str, **kwargs: Any) -> Reward:
-    if name not in _REGISTRY:
-        import tdm_r1.rewards.geneval  # noqa: F401  (registers the built-ins; model packages load on use)
-        import tdm_r1.rewards.ocr  # noqa: F401
-        import tdm_r1.rewards.pickscore  # noqa: F401
-        import tdm_r1.rewards.simple  # noqa: F401
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown reward {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**kwargs)
+    return reward_factory(name)(**kwargs)
 
 
 def score_images(reward: Reward, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None):

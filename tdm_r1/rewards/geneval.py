@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tdm_r1.rewards.base import RewardSetupError, register_reward, require_package, require_path, reward_device
+from tdm_r1.rewards.base import RewardSetupError, require_package, require_path, reward_device
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,6 @@ class GenEval:
         return torch.tensor(scores, dtype=torch.float32)
 
 
-@register_reward("geneval")
 def build_geneval(cfg=None, word_of=None, term=None, **_) -> GenEval:
     if term is None:
         raise RewardSetupError("reward 'geneval' is built from its train.rewards entry (path, device, batch_size)")

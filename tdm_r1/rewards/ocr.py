@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from tdm_r1.config import RewardConfig
-from tdm_r1.rewards.base import register_reward
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +111,5 @@ class OCRReward:
         return torch.tensor(scores, dtype=torch.float32)
 
 
-@register_reward("ocr")
 def build_ocr_reward(cfg: RewardConfig | None = None, word_of=None, **_) -> OCRReward:
     return OCRReward(cfg, word_of)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tdm_r1.rewards.base import RewardSetupError, register_reward, require_package, require_path, reward_device
+from tdm_r1.rewards.base import RewardSetupError, require_package, require_path, reward_device
 
 HINT = (
     "Put PickScore_v1 (config.json + weights) and the CLIP-ViT-H-14 processor files (preprocessor_config.json, "
@@ -71,7 +71,6 @@ class PickScore:
         return torch.cat(scores).cpu()
 
 
-@register_reward("pickscore")
 def build_pickscore(cfg=None, word_of=None, term=None, **_) -> PickScore:
     if term is None:
         raise RewardSetupError("reward 'pickscore' is built from its train.rewards entry (path, device, batch_size)")

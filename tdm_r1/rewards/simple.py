@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from tdm_r1.rewards.base import register_reward
-
 
 class DarkFraction:
     name = "dark_fraction"
@@ -22,6 +20,5 @@ class DarkFraction:
         return (luma < self.threshold).float().flatten(1).mean(1)
 
 
-@register_reward("dark_fraction")
 def build_dark_fraction(cfg=None, word_of=None, **_) -> DarkFraction:
     return DarkFraction()

@@ -1,7 +1,7 @@
 """Prompt files as the world of a diffusers model (model.kind sd3 / zimage): train and held-out prompts read from
 files, the image size the model is trained at, and, for text-rendering rewards, the target text of each prompt.
 
-Presents the interface the trainer uses of the toy OCR world (`words`, `prompt`, `word_of`, `height`, `width`), with
+Implements the World protocol (`tdm_r1.worlds.base`) like the toy OCR world, with
 each prompt standing for itself as a "word". `.jsonl` files also give per-prompt metadata for rewards that need it
 (GenEval's clauses). The target text of a prompt is its first double-quoted span (`a sign that says "OPEN"` ->
 `OPEN`; straight or curly quotes), so OCR prompt files need no separate answer column.

@@ -10,7 +10,8 @@ from utils import TINY, role_named_parameters, save_tiny_teacher
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.cli import main
 from tdm_r1.config import load_config
-from tdm_r1.distill import PromptStream, build_optimizers, distill, distill_step
+from tdm_r1.distill import PromptStream, distill, distill_step
+from tdm_r1.optim import build_optimizers
 from tdm_r1.roles import build_roles
 from tdm_r1.worlds.ocr import build_world
 

@@ -9,7 +9,8 @@ from utils import TINY, role_named_parameters, save_tiny_teacher
 
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.config import ConfigError, load_config
-from tdm_r1.distill import PromptStream, build_optimizers
+from tdm_r1.distill import PromptStream
+from tdm_r1.optim import build_optimizers, update_shadow
 from tdm_r1.rewards import build_reward, register_reward
 from tdm_r1.rewards.base import RewardFailureError
 from tdm_r1.roles import build_roles
@@ -284,7 +285,7 @@ def test_baselines_cache_follows_checkpoint_contents_not_paths(paths, tmp_path):
         ckpt.save_adapter(init, {k: v for k, v in roles_adapter(roles).items()}, cfg0)
 
     def roles_adapter(roles):
-        roles.update_shadow("generator_ema", 0.0)
+        update_shadow(roles, "generator_ema", 0.0)
         return roles.adapter_tensors("generator_ema")
 
     extra = ("train.epochs=1", "train.eval_baselines=true", "sample.nfe=2", f"roles.generator_init={init}")

@@ -218,7 +218,7 @@ def tiny_cfg(path: Path, kind: str, **overrides) -> DiffusersConfig:
 def load(kind: str, path: Path, **overrides):
     """Load a tiny folder through the user path (load_diffusers_model) with tiny_cfg + overrides."""
     from tdm_r1.config import ModelConfig
-    from tdm_r1.models.diffusers_common import load_diffusers_model
+    from tdm_r1.models.load import load_diffusers_model
 
     return load_diffusers_model(ModelConfig(kind=kind), tiny_cfg(path, kind, **overrides))
 

@@ -6,6 +6,7 @@ import torch
 from tdm_r1.checkpoint import read_adapter, save_adapter
 from tdm_r1.config import Config, ConfigError, ModelConfig, RolesConfig, WorldConfig
 from tdm_r1.models.tiny_dit import build_tiny_dit
+from tdm_r1.optim import update_shadow
 from tdm_r1.roles import build_roles
 
 MODEL = ModelConfig(dim=32, depth=2, heads=2, text_layers=1)
@@ -84,10 +85,10 @@ def test_shadow_ema_and_export(mode, teacher, inputs):
     _perturb(roles.generator.parameters())
     gen, ema = roles.generator.parameters(), roles.generator_ema.parameters()
     old = [p.clone() for p in ema]
-    roles.update_shadow("generator_ema", 0.75)
+    update_shadow(roles, "generator_ema", 0.75)
     for o, e, g in zip(old, ema, gen):
         assert torch.allclose(e, 0.75 * o + 0.25 * g)
-    roles.update_shadow("generator_ema", 0.0)
+    update_shadow(roles, "generator_ema", 0.0)
     model = build_tiny_dit(MODEL, WORLD).eval()
     model.load_state_dict(roles.export("generator_ema"))
     assert torch.allclose(model.velocity(*inputs), roles.generator.velocity(*inputs), atol=1e-5)
@@ -109,7 +110,7 @@ def test_lora_generator_starts_from_saved_adapter(teacher, inputs, tmp_path):
     cfg = Config(model=MODEL, world=WORLD)
     a = build_roles(cfg.roles, teacher, surrogate=False)
     _perturb(a.generator.parameters())
-    a.update_shadow("generator_ema", 0.0)
+    update_shadow(a, "generator_ema", 0.0)
     save_adapter(tmp_path / "ad.safetensors", a.adapter_tensors("generator_ema"), cfg)
     b = build_roles(cfg.roles, teacher, generator_init=read_adapter(tmp_path / "ad.safetensors", cfg.roles))
     assert torch.equal(b.generator.velocity(*inputs), a.generator.velocity(*inputs))
@@ -187,7 +188,7 @@ def test_surrogate_lora_rank_is_its_own(teacher, inputs):
     assert torch.allclose(roles.surrogate.velocity(*inputs), v_t, atol=1e-6)
     _perturb(roles.surrogate.parameters())
     assert not torch.allclose(roles.surrogate.velocity(*inputs), v_t, atol=1e-3)
-    roles.update_shadow("slow_surrogate", 0.0)
+    update_shadow(roles, "slow_surrogate", 0.0)
     assert torch.equal(roles.slow_surrogate.velocity(*inputs), roles.surrogate.velocity(*inputs))
     full_rank = build_roles(RolesConfig(lora_rank=8, lora_alpha=16.0), teacher)
     with pytest.raises(KeyError, match="surrogate"):
