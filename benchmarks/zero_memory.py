@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from tdm_r1 import distributed
+from tdm_r1.build import load_teacher
 from tdm_r1.config import Config, load_config
-from tdm_r1.distill import PromptStream, fake_score_backward, load_teacher
 from tdm_r1.rewards import build_reward
 from tdm_r1.roles import build_roles
 from tdm_r1.trainer import (
@@ -32,7 +32,9 @@ from tdm_r1.trainer import (
     rollout_phase,
     surrogate_backward,
 )
+from tdm_r1.updates import fake_score_backward
 from tdm_r1.worlds.ocr import build_world
+from tdm_r1.worlds.stream import PromptStream
 
 ROOT = Path(__file__).resolve().parents[1]
 

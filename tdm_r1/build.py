@@ -15,7 +15,8 @@ from pathlib import Path
 
 from torch import nn
 
-from tdm_r1.config import Config, ConfigError
+from tdm_r1 import checkpoint as ckpt
+from tdm_r1.config import Config, ConfigError, to_dict
 
 DIFFUSERS_KINDS = ("sd3", "zimage")
 
@@ -39,8 +40,6 @@ def load_run_teacher(cfg: Config) -> nn.Module:
     """The frozen teacher: the tiny DiT checkpoint roles.teacher, or the diffusers folder's transformer (with its
     text encoders and VAE, shared by every role)."""
     if not is_diffusers(cfg):
-        from tdm_r1.distill import load_teacher
-
         return load_teacher(cfg)
     from tdm_r1.models.load import load_diffusers_model
 
@@ -71,8 +70,6 @@ def content_id(path: str | Path | None) -> str | None:
         return None
     if Path(path).is_dir():
         return folder_fingerprint(path)
-    from tdm_r1.distill import file_sha256
-
     return file_sha256(path)
 
 
@@ -80,8 +77,6 @@ def teacher_id(cfg: Config) -> str:
     """The teacher's identity stored in training states: the checkpoint's sha256, or the folder fingerprint."""
     if is_diffusers(cfg):
         return folder_fingerprint(cfg.diffusers.path)
-    from tdm_r1.distill import file_sha256
-
     return file_sha256(cfg.roles.teacher)
 
 
@@ -92,8 +87,6 @@ def load_run_generator_init(cfg: Config, teacher: nn.Module, field: str = "gener
     diffusers folder whose `transformer/` is loaded into a copy of the teacher (e.g. a `tdm-r1 export` folder)."""
     path = getattr(cfg.roles, field)
     if path is None or not is_diffusers(cfg) or cfg.roles.mode == "lora":
-        from tdm_r1.distill import load_generator_init
-
         return load_generator_init(cfg, field)
     if not (Path(path) / "transformer").is_dir():
         raise ConfigError(
@@ -110,3 +103,31 @@ def load_run_generator_init(cfg: Config, teacher: nn.Module, field: str = "gener
     with torch.no_grad():
         generator.transformer.load_state_dict(loaded.state_dict(), strict=True)
     return generator
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_teacher(cfg: Config):
+    model, world_cfg, _ = ckpt.load_model(cfg.roles.teacher)
+    if to_dict(model.cfg) != to_dict(cfg.model):
+        raise ckpt.CheckpointError(f"{cfg.roles.teacher}: its model config differs from the run's model section")
+    w = cfg.world
+    if (world_cfg.height, world_cfg.width, world_cfg.channels) != (w.height, w.width, w.channels):
+        raise ckpt.CheckpointError(f"{cfg.roles.teacher}: trained on {world_cfg.height}x{world_cfg.width} images")
+    return model.requires_grad_(False)
+
+
+def load_generator_init(cfg: Config, field: str = "generator_init"):
+    """roles.generator_init (or roles.fake_init): adapter tensors in lora mode, a model in full mode, None."""
+    path = getattr(cfg.roles, field)
+    if path is None:
+        return None
+    if cfg.roles.mode == "full":
+        return ckpt.load_model(path)[0]
+    return ckpt.read_adapter(path, cfg.roles)

@@ -63,7 +63,7 @@ def read_role_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict]:
 def export_checkpoint(path: str | Path, role: str, out: str | Path, lora: str = "merge") -> Path:
     """Write `role` of the training state at `path` (a run directory: its newest state) as a model checkpoint, or for
     a diffusers model (model.kind sd3 / zimage) as a diffusers pipeline folder (`export_pipeline`)."""
-    from tdm_r1.distill import file_sha256, load_teacher
+    from tdm_r1.build import file_sha256, load_teacher
 
     path = Path(path)
     if path.is_dir() and not ckpt.is_sharded(path):

@@ -12,26 +12,26 @@ The reward term is off: this is DESIGN section 5 with w_tdm applied to CFG and K
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 from tqdm import tqdm
 
 from tdm_r1 import checkpoint as ckpt
+from tdm_r1.build import file_sha256, load_generator_init, load_teacher
+from tdm_r1.checkpoint.resume import Progress, capture_state, load_resume, resolve_resume, truncate_log
 from tdm_r1.config import Config, TDMConfig, save_config, to_dict
-from tdm_r1.distributed import Shard
-from tdm_r1.losses import fake_score_loss, generator_targets, generator_term_weights, sample_tau, x0_from_velocity
+from tdm_r1.losses import generator_targets, generator_term_weights, sample_tau, x0_from_velocity
 from tdm_r1.models.base import Cond
 from tdm_r1.optim import build_optimizers, optimizer_step, update_shadow
 from tdm_r1.report import JsonlLogger
-from tdm_r1.roles import Role, Roles, build_roles
+from tdm_r1.roles import Roles, build_roles
 from tdm_r1.sampling import Trajectory, rollout
+from tdm_r1.updates import fake_score_backward, fill_samples
+from tdm_r1.worlds.stream import PromptStream
 from tdm_r1_kernels import fused_revised_x0_loss, fused_sampler_step
 
 # Config keys that may differ between a run and its resumption (they do not change the trajectory of
@@ -50,72 +50,12 @@ RESUMABLE_CHANGES = (
 )
 
 
-class PromptStream:
-    """Train prompts in seeded per-epoch permutations; (epoch, offset) is the data position."""
-
-    def __init__(self, words: list[str], seed: int):
-        self.words, self.seed = words, seed
-        self.epoch, self.offset = 0, 0
-
-    def _perm(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.words))
-
-    def next(self, n: int) -> list[str]:
-        out: list[str] = []
-        while len(out) < n:
-            perm = self._perm()
-            take = perm[self.offset : self.offset + n - len(out)]
-            out += [self.words[i] for i in take]
-            self.offset += len(take)
-            if self.offset >= len(self.words):
-                self.epoch, self.offset = self.epoch + 1, 0
-        return out
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset}
-
-    def load(self, state: dict) -> None:
-        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-
-
-def _per_sample(value: float, like: Tensor) -> Tensor:
-    return torch.full((like.shape[0],), value, device=like.device)
-
-
-def fake_score_backward(
-    fake: Role,
-    reference: Role,
-    cond: Cond,
-    traj: Trajectory,
-    j: int,
-    tcfg: TDMConfig,
-    gen: torch.Generator,
-    scale: float,
-    shard: Shard | None = None,
-) -> dict[str, float]:
-    """Fake-score loss at step j of a rollout (its stored output is the generator's x0_hat), backward. `shard`: these
-    samples are rows of a larger micro-batch spread over ranks, for which the random draws are made."""
-    x, v = traj.xs[j], traj.v[j]
-    shard = shard or Shard(0, x.shape[0], x.shape[0], 0, 0)
-    s, s_next = _per_sample(float(traj.s[j]), x), _per_sample(float(traj.s[j + 1]), x)
-    tau = shard.take(sample_tau(shard.full(float(traj.s[j + 1]), x.device), tcfg.tau_margin, tcfg.shift, gen))
-    n = shard.randn(tuple(x.shape[1:]), gen, x.device)
-    with torch.no_grad():  # the generator's step from its stored output, re-noised to tau in the same pass
-        _, x0_hat, x_tau, _, _ = fused_sampler_step(x, v, s, s_next, noise=n, tau=tau)
-    with torch.no_grad():
-        v_real = reference.velocity(x_tau, tau, cond)
-    v_fake = fake.velocity(x_tau, tau, cond)
-    loss, parts = fake_score_loss(x_tau, tau, x0_hat, v_fake, v_real, tcfg.fake_reg)
-    fake.backward(loss * scale)
-    return {"loss_fake": loss.item(), "fake_dsm": float(parts["dsm"].mean()), "fake_reg": float(parts["reg"].mean())}
-
-
 def generator_backward(
     roles: Roles, cond: Cond, traj: Trajectory, j: int, tcfg: TDMConfig, gen: torch.Generator, scale: float
 ) -> dict[str, float]:
     """Revised-x0 KL + CFG losses of the generator at step j (reward term off), backward."""
     x = traj.xs[j]
-    s, s_next = _per_sample(float(traj.s[j]), x), _per_sample(float(traj.s[j + 1]), x)
+    s, s_next = fill_samples(float(traj.s[j]), x), fill_samples(float(traj.s[j + 1]), x)
     v = roles.generator.velocity(x, s, cond)
     tau = sample_tau(s_next, tcfg.tau_margin, tcfg.shift, gen)
     # the rollout's sampler step, now with grad, re-noised to tau with fresh noise in the same pass
@@ -181,146 +121,12 @@ def distill_step(
 # -- run: setup, checkpoints, eval, export ------------------------------------------------------------
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@dataclass
-class Progress:
-    """Everything besides roles and optimizers that a resumed run needs to continue exactly."""
-
-    step: int
-    stream: PromptStream
-    gen: torch.Generator  # rollout noise, tau, step indices
-
-
-def capture_state(progress: Progress, roles: Roles, opts: dict) -> dict:
-    return {
-        "step": progress.step,
-        "data": progress.stream.state(),
-        "roles": roles.state_tensors(),
-        "optim": {k: o.state_dict() for k, o in opts.items()},
-        "rng": ckpt.rng_state({"train": progress.gen}, {}),
-    }
-
-
-def restore_state(state: dict, progress: Progress, roles: Roles, opts: dict) -> None:
-    roles.load_state_tensors(state["roles"])
-    if set(state["optim"]) != set(opts):
-        raise ckpt.CheckpointError(f"checkpoint optimizers {sorted(state['optim'])} != this run's {sorted(opts)}")
-    for k, o in opts.items():
-        o.load_state_dict(state["optim"][k])
-    restore_progress(state, progress)
-
-
-def restore_progress(state: dict, progress: Progress) -> None:
-    """Step, data position and RNG streams of a training state."""
-    ckpt.set_rng_state(state["rng"], {"train": progress.gen}, {})
-    progress.stream.load(state["data"])
-    progress.step = int(state["step"])
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out |= _flat(v, key + ".") if isinstance(v, dict) else {key: v}
-    return out
-
-
-def check_resume_config(saved: dict, current: dict, path: Path, resumable: tuple[str, ...] = RESUMABLE_CHANGES) -> None:
-    allowed = lambda k: any(k == p or (p.endswith(".") and k.startswith(p)) for p in resumable)
-    a, b = _flat(saved), _flat(current)
-    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not allowed(k)]
-    if diff:
-        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
-        raise ckpt.CheckpointError(
-            f"{path}: the config differs from the checkpoint's in keys that change training: {shown}"
-        )
-
-
-def resolve_resume(resume: str, run_dir: Path) -> Path:
-    """'auto' -> the newest training state of run_dir (no silent fallback to an older one)."""
-    if resume != "auto":
-        return Path(resume)
-    states = ckpt.list_train_states(run_dir)
-    if not states:
-        raise ckpt.CheckpointError(f"--resume: no training-state checkpoint under {run_dir / 'checkpoints'}")
-    return states[-1]
-
-
-def load_resume(
-    path: Path,
-    cfg: Config,
-    progress: Progress,
-    roles: Roles,
-    opts: dict,
-    teacher_sha: str,
-    command: str = "distill",
-    resumable: tuple[str, ...] = RESUMABLE_CHANGES,
-) -> None:
-    try:
-        state, info = ckpt.read_train_state(path)
-    except ckpt.CheckpointError as e:
-        older = [p for p in sorted(path.parent.glob(ckpt.STATE_GLOB)) if p != path]
-        hint = f"; the previous checkpoint {older[-1]} is intact: --resume {older[-1]}" if older else ""
-        raise ckpt.CheckpointError(f"{e}{hint}") from e
-    check_resume_info(path, info, cfg, teacher_sha, command, resumable)
-    try:
-        restore_state(state, progress, roles, opts)
-    except (KeyError, ValueError) as e:
-        raise ckpt.CheckpointError(f"{path}: does not match this run's roles/optimizers: {e}") from e
-
-
-def check_resume_info(
-    path: Path, info: dict, cfg: Config, teacher_sha: str, command: str, resumable: tuple[str, ...]
-) -> None:
-    """The checkpoint was written by `command` against this teacher with a config that differs only in `resumable`."""
-    if info.get("command") != command:
-        raise ckpt.CheckpointError(f"{path} was written by {info.get('command')!r}, not by {command}")
-    if info.get("teacher_sha256") != teacher_sha:
-        raise ckpt.CheckpointError(f"{path} was trained against a different teacher than {cfg.roles.teacher}")
-    check_resume_config(info["config"], to_dict(cfg), path, resumable)
-
-
 def save_checkpoint(cfg: Config, progress: Progress, roles: Roles, opts: dict, teacher_sha: str) -> Path:
     path = ckpt.state_path(cfg.run_dir, progress.step)
     info = {"command": "distill", "config": to_dict(cfg), "teacher_sha256": teacher_sha, "step": progress.step}
     ckpt.save_train_state(path, capture_state(progress, roles, opts), info)
     ckpt.prune_train_states(cfg.run_dir, cfg.distill.keep_checkpoints)
     return path
-
-
-def _truncate_log(path: Path, step: int, key: str = "step") -> None:
-    """Drop records logged after the resumed step (a run stopped after its last checkpoint)."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get(key, 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
-
-
-def load_teacher(cfg: Config):
-    model, world_cfg, _ = ckpt.load_model(cfg.roles.teacher)
-    if to_dict(model.cfg) != to_dict(cfg.model):
-        raise ckpt.CheckpointError(f"{cfg.roles.teacher}: its model config differs from the run's model section")
-    w = cfg.world
-    if (world_cfg.height, world_cfg.width, world_cfg.channels) != (w.height, w.width, w.channels):
-        raise ckpt.CheckpointError(f"{cfg.roles.teacher}: trained on {world_cfg.height}x{world_cfg.width} images")
-    return model.requires_grad_(False)
-
-
-def load_generator_init(cfg: Config, field: str = "generator_init"):
-    """roles.generator_init (or roles.fake_init): adapter tensors in lora mode, a model in full mode, None."""
-    path = getattr(cfg.roles, field)
-    if path is None:
-        return None
-    if cfg.roles.mode == "full":
-        return ckpt.load_model(path)[0]
-    return ckpt.read_adapter(path, cfg.roles)
 
 
 def evaluate_generator(roles: Roles, world, cfg: Config, state: dict) -> dict:
@@ -366,8 +172,8 @@ def distill(cfg: Config, resume: str | None = None) -> dict:
     progress = Progress(0, PromptStream(world.words("train"), cfg.seed), torch.Generator().manual_seed(cfg.seed))
     if resume is not None:
         path = resolve_resume(resume, run)
-        load_resume(path, cfg, progress, roles, opts, teacher_sha)
-        _truncate_log(run / "metrics.jsonl", progress.step)
+        load_resume(path, cfg, progress, roles, opts, teacher_sha, command="distill", resumable=RESUMABLE_CHANGES)
+        truncate_log(run / "metrics.jsonl", progress.step)
         print(f"distill: resumed from {path} at step {progress.step}")
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "config.yaml")

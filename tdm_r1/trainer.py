@@ -21,7 +21,6 @@ from torch import Tensor
 
 from tdm_r1.advantages import group_advantages
 from tdm_r1.config import Config, TDMConfig, TrainConfig
-from tdm_r1.distill import PromptStream, fake_score_backward
 from tdm_r1.distributed import LOCAL, Dist, Shard, Split
 from tdm_r1.losses import (
     generator_targets,
@@ -37,6 +36,8 @@ from tdm_r1.report import paired_gain
 from tdm_r1.rewards.base import RewardFailureError, score_images
 from tdm_r1.roles import Roles
 from tdm_r1.sampling import Trajectory, rollout
+from tdm_r1.updates import fake_score_backward
+from tdm_r1.worlds.stream import PromptStream
 from tdm_r1_kernels import fused_renoise, fused_revised_x0_loss, fused_sampler_step, fused_velocity_target_mse
 
 # Config keys that may change between a run and its resumption (how long it runs and what it writes).
@@ -548,8 +549,8 @@ def baseline_evals(
 def _save_state(cfg: Config, progress, roles: Roles, opts: dict, teacher_sha: str, dist: Dist = LOCAL):
     """One training state: a file, or in a distributed run a directory of per-rank files (collective)."""
     from tdm_r1 import checkpoint as ckpt
+    from tdm_r1.checkpoint.resume import capture_state
     from tdm_r1.config import to_dict
-    from tdm_r1.distill import capture_state
 
     info = {"command": "train", "config": to_dict(cfg), "teacher_sha256": teacher_sha, "epoch": progress.step}
     if dist.deepspeed:
@@ -568,7 +569,7 @@ def _save_state(cfg: Config, progress, roles: Roles, opts: dict, teacher_sha: st
 
 def _resume(path, cfg: Config, progress, roles: Roles, opts: dict, teacher_sha: str, dist: Dist) -> None:
     from tdm_r1 import checkpoint as ckpt
-    from tdm_r1.distill import check_resume_info, load_resume, restore_progress
+    from tdm_r1.checkpoint.resume import check_resume_info, load_resume, restore_progress
 
     if ckpt.is_sharded(path) != dist.deepspeed:
         raise ckpt.CheckpointError(
@@ -698,8 +699,8 @@ def train(cfg: Config, resume: str | None = None) -> dict:
 
     from tdm_r1 import distributed
     from tdm_r1.build import build_run_world, is_diffusers, load_run_generator_init, load_run_teacher, teacher_id
+    from tdm_r1.checkpoint.resume import Progress, resolve_resume, truncate_log
     from tdm_r1.config import save_config
-    from tdm_r1.distill import Progress, _truncate_log, resolve_resume
     from tdm_r1.evaluate import eval_words
     from tdm_r1.report import RunReporter
     from tdm_r1.roles import build_roles
@@ -731,7 +732,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
         path = resolve_resume(resume, run)
         _resume(path, cfg, progress, roles, opts, teacher_sha, dist)
         if dist.is_main:
-            _truncate_log(run / "metrics.jsonl", progress.step, key="epoch")
+            truncate_log(run / "metrics.jsonl", progress.step, key="epoch")
             prior_seconds = logged_seconds(run / "metrics.jsonl")
         dist.print(f"train: resumed from {path} at epoch {progress.step}")
     elif dist.is_main and (moved := archive_previous_run(run)) is not None:

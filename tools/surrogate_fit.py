@@ -17,9 +17,9 @@ import time
 
 import torch
 
+from tdm_r1.build import load_generator_init, load_teacher
 from tdm_r1.config import load_config
 from tdm_r1.diagnostics import preference_probe
-from tdm_r1.distill import PromptStream, load_generator_init, load_teacher
 from tdm_r1.optim import build_optimizers, optimizer_step, update_shadow
 from tdm_r1.rewards import build_reward
 from tdm_r1.roles import build_roles
@@ -32,6 +32,7 @@ from tdm_r1.trainer import (
     surrogate_backward,
 )
 from tdm_r1.worlds.ocr import build_world
+from tdm_r1.worlds.stream import PromptStream
 
 TAUS = (0.1, 0.3, 0.5, 0.8)
 

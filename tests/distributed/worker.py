@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from tdm_r1 import distributed
+from tdm_r1.build import load_teacher
 from tdm_r1.config import load_config
-from tdm_r1.distill import load_teacher
 from tdm_r1.roles import build_roles
 from tdm_r1.trainer import train
 

@@ -10,10 +10,11 @@ from utils import TINY, role_named_parameters, save_tiny_teacher
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.cli import main
 from tdm_r1.config import load_config
-from tdm_r1.distill import PromptStream, distill, distill_step
+from tdm_r1.distill import distill, distill_step
 from tdm_r1.optim import build_optimizers
 from tdm_r1.roles import build_roles
 from tdm_r1.worlds.ocr import build_world
+from tdm_r1.worlds.stream import PromptStream
 
 RUN = ["distill.batch_size=3", "distill.eval_every=0", "distill.eval_at_end=false", "distill.checkpoint_every=2"]
 

@@ -11,11 +11,12 @@ import torch
 from utils import TINY, save_tiny_teacher
 
 from tdm_r1 import checkpoint as ckpt
-from tdm_r1 import distill, trainer
+from tdm_r1 import distill, trainer, updates
 from tdm_r1.config import load_config
 from tdm_r1.rewards import build_reward
 from tdm_r1.roles import build_roles
 from tdm_r1.worlds.ocr import build_world
+from tdm_r1.worlds.stream import PromptStream
 from tdm_r1_kernels import dispatch
 
 RUN = [
@@ -80,7 +81,7 @@ def test_train_generator_step_with_grad_reproduces_the_rollout(backend, teacher_
     world = build_world(cfg.world)
     scorer = trainer.RewardScorer([(build_reward("dark_fraction"), 1.0)])
     gen = torch.Generator().manual_seed(0)
-    batch = trainer.rollout_phase(roles, world, distill.PromptStream(world.train_words, 0), scorer, cfg.train,
+    batch = trainer.rollout_phase(roles, world, PromptStream(world.train_words, 0), scorer, cfg.train,
                                   cfg.tdm, gen)  # fmt: skip
     scorer.close()
     trainer.advantage_phase(batch, cfg.train)
@@ -104,14 +105,15 @@ def test_distill_generator_and_fake_steps_reproduce_the_rollout(backend, teacher
     roles = build_roles(cfg.roles, ckpt.load_model(teacher_path)[0], surrogate=False)
     world = build_world(cfg.world)
     gen = torch.Generator().manual_seed(0)
-    cond, traj = distill._rollout(roles, world, distill.PromptStream(world.train_words, 0), 3, cfg.tdm, gen)
+    cond, traj = distill._rollout(roles, world, PromptStream(world.train_words, 0), 3, cfg.tdm, gen)
     spy = StepSpy(distill.fused_sampler_step)
     monkeypatch.setattr(distill, "fused_sampler_step", spy)
+    monkeypatch.setattr(updates, "fused_sampler_step", spy)  # the fake-score phase shared with train
     reordered_differ = 0
     for j in range(cfg.tdm.steps):
         spy.calls.clear()
         distill.generator_backward(roles, cond, traj, j, cfg.tdm, gen, 1.0)
-        distill.fake_score_backward(roles.fake, roles.reference, cond, traj, j, cfg.tdm, gen, 1.0)
+        updates.fake_score_backward(roles.fake, roles.reference, cond, traj, j, cfg.tdm, gen, 1.0)
         assert len(spy.calls) == 2
         reordered_differ += _check_step(spy.calls[0], traj, j, grad=True)
         _check_step(spy.calls[1], traj, j, grad=False)  # the fake score's step from the stored output

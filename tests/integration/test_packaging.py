@@ -27,8 +27,11 @@ def test_the_wheel_has_no_top_level_kernels_package(tmp_path):
     assert tops == {"tdm_r1", "tdm_r1_kernels"}, tops
     for module in ("tdm_r1_kernels/__init__.py", "tdm_r1_kernels/reference.py", "tdm_r1_kernels/csrc/common.h"):
         assert module in names, module
-    for package in ("tdm_r1/models/", "tdm_r1/rewards/", "tdm_r1/worlds/"):
-        assert any(n.startswith(package) and n.endswith("__init__.py") for n in names), package
+    packages = sorted(str(p.parent.relative_to(ROOT)) for p in (ROOT / "tdm_r1").rglob("__init__.py"))
+    for package in packages:  # every subpackage of the source tree ships, and every module in it
+        assert f"{package}/__init__.py" in names, package
+        for module in (ROOT / package).glob("*.py"):
+            assert f"{package}/{module.name}" in names, module
 
 
 def test_the_installed_package_claims_tdm_r1_kernels_not_kernels(tmp_path):

@@ -9,13 +9,13 @@ from utils import TINY, role_named_parameters, save_tiny_teacher
 
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.config import ConfigError, load_config
-from tdm_r1.distill import PromptStream
 from tdm_r1.optim import build_optimizers, update_shadow
 from tdm_r1.rewards import build_reward, register_reward
 from tdm_r1.rewards.base import RewardFailureError
 from tdm_r1.roles import build_roles
 from tdm_r1.trainer import RewardScorer, advantage_phase, rollout_phase, train, update_phase
 from tdm_r1.worlds.ocr import build_world
+from tdm_r1.worlds.stream import PromptStream
 
 RUN = [
     "train.prompts_per_epoch=2",

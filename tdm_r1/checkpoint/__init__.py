@@ -2,6 +2,7 @@
 
 Writes go to a temporary file in the same directory, are fsynced, then renamed over the target, so a
 crash never leaves a half-written checkpoint under the final name and the previous one survives.
+`tdm_r1.checkpoint.resume` continues a run from its training state exactly.
 """
 
 from __future__ import annotations
