@@ -13,7 +13,8 @@ import torch
 from tiny_models import HEIGHT, PROMPTS, WIDTH, load, tiny_cfg
 
 from tdm_r1.config import DiffusersConfig, ModelConfig
-from tdm_r1.models.diffusers_common import ModelFolderError, load_diffusers_model
+from tdm_r1.models.diffusers_common import ModelFolderError
+from tdm_r1.models.load import load_diffusers_model
 from tdm_r1.models.sd3 import DispatchJointAttnProcessor, SD3FlowModel
 from tdm_r1.models.zimage import ZImageFlowModel
 

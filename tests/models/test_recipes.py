@@ -11,7 +11,7 @@ import yaml
 from tiny_models import HEIGHT, WIDTH
 
 from tdm_r1.config import Config, from_dict
-from tdm_r1.models.diffusers_common import load_diffusers_model
+from tdm_r1.models.load import load_diffusers_model
 from tdm_r1.models.lora import lora_target_regex
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
