@@ -20,8 +20,9 @@ from tdm_r1.build import load_teacher
 from tdm_r1.config import load_config, to_dict
 from tdm_r1.optim import build_optimizers
 from tdm_r1.rewards import build_reward
+from tdm_r1.rewards.scorer import RewardScorer
 from tdm_r1.roles import build_roles
-from tdm_r1.trainer import RewardScorer, advantage_phase, rollout_phase, update_phase
+from tdm_r1.trainer import advantage_phase, rollout_phase, update_phase
 from tdm_r1.worlds.ocr import build_world
 from tdm_r1.worlds.stream import PromptStream
 

@@ -23,9 +23,9 @@ from tdm_r1 import distributed
 from tdm_r1.build import load_teacher
 from tdm_r1.config import Config, load_config
 from tdm_r1.rewards import build_reward
+from tdm_r1.rewards.scorer import RewardScorer
 from tdm_r1.roles import build_roles
 from tdm_r1.trainer import (
-    RewardScorer,
     advantage_phase,
     generator_backward,
     micro_batches,

@@ -11,11 +11,15 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from tdm_r1.config import EvalConfig, RewardConfig
+from tdm_r1.config import Config, ConfigError, EvalConfig, RewardConfig
+from tdm_r1.distributed import LOCAL, Dist
 from tdm_r1.models.base import FlowModel
 from tdm_r1.rewards.base import Reward, score_images
 from tdm_r1.rewards.ocr import OCRReward
+from tdm_r1.rewards.scorer import RewardScorer
+from tdm_r1.roles import Roles
 from tdm_r1.sampling import rollout
 from tdm_r1.worlds.base import World
 
@@ -135,3 +139,156 @@ def read_and_score(reward, images: torch.Tensor, words: list[str], world) -> tup
 
 def build_eval_reward(rcfg: RewardConfig, world: World) -> OCRReward:
     return OCRReward(rcfg, world.word_of)
+
+
+# -- a run's evaluations: roles at several seeds, the baselines cache, labelled samples ---------------------
+
+
+def evaluate_role(
+    role,
+    world,
+    cfg: Config,
+    words: list[str],
+    nfe: int,
+    guidance: float,
+    state: dict,
+    dist: Dist = LOCAL,
+    seeds: int = 1,
+) -> tuple[dict, Tensor]:
+    """Sample and score: the toy world by OCR, a diffusers run by its configured rewards (`eval_metric`), at `seeds`
+    eval seeds from cfg.eval.seed (`evaluate_seeds`: > 1 adds per-seed means and their standard error). Distributed:
+    every rank samples (partitioned roles run collectively), rank 0 scores and shares the result."""
+
+    if not dist.is_main:
+        images = [
+            generate(role, world, words, nfe, guidance, cfg.tdm.shift, cfg.eval.seed + i, cfg.eval.batch_size)
+            for i in range(seeds)
+        ]
+        return dist.broadcast_object(None), images[0]
+    reward, metric = eval_reward(cfg, world, state), eval_metric(cfg)
+
+    def one(ecfg) -> tuple[dict, Tensor]:
+        return evaluate(role, world, reward, words, nfe, guidance, cfg.tdm.shift, ecfg, metric=metric)
+
+    result, images = evaluate_seeds(one, cfg.eval, seeds, metric)
+    return dist.broadcast_object(result), images
+
+
+def eval_reward(cfg: Config, world, state: dict):
+    """The evaluation reward, built once per run into `state`: OCR on the toy world, the weighted train.rewards on a
+    diffusers run."""
+    from tdm_r1.build import is_diffusers
+
+    if "reward" not in state:
+        state["reward"] = build_train_scorer(cfg, world) if is_diffusers(cfg) else build_eval_reward(cfg.reward, world)
+    return state["reward"]
+
+
+def label_samples(reporter, images: Tensor, words: list[str], cfg: Config, world, state: dict) -> None:
+    """Rank 0, end of a run: the labelled grids of the start (kept at epoch 0) and the end samples, with what the
+    evaluation reward read and scored; one reward call for both."""
+    from tdm_r1.report import sample_tiles
+
+    if reporter is None:
+        return
+    n = sample_tiles(images)
+    end, end_words = images[:n], words[:n]
+    kept = reporter.kept_start()
+    start, start_words = (end[:0], []) if kept is None else kept
+    readings, scores = read_and_score(
+        eval_reward(cfg, world, state), torch.cat([start, end]), start_words + end_words, world
+    )
+    k = len(start_words)
+    reporter.labelled_samples("end", end, end_words, readings[k:], scores[k:])
+    if k:
+        reporter.labelled_samples("start", start, start_words, readings[:k], scores[:k])
+        half = min(k, n) // 2  # the pairs: the same words (and noise) before and after training
+        if half and start_words[:half] == end_words[:half]:
+            ends = (end, end_words, readings[k:], scores[k:])
+            reporter.start_end_pairs((start, start_words, readings[:k], scores[:k]), ends)
+
+
+def eval_seeds(cfg: Config) -> tuple[int, int, int]:
+    """(seeds of the K-step held-out rows, of the teacher's many-step row, of the train-split rows) from cfg.eval;
+    < 1 is an error naming the field."""
+
+    ev = cfg.eval
+    ref = ev.seeds if ev.reference_seeds is None else ev.reference_seeds
+    train = ev.seeds if ev.train_seeds is None else ev.train_seeds
+    for name, value in (("eval.seeds", ev.seeds), ("eval.reference_seeds", ref), ("eval.train_seeds", train)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    return ev.seeds, ref, train
+
+
+def eval_metric(cfg: Config) -> str:
+    """Name of the evaluation score: `ocr` (toy world) or `reward` (diffusers runs: the weighted train.rewards)."""
+    from tdm_r1.build import is_diffusers
+
+    return "reward" if is_diffusers(cfg) else "ocr"
+
+
+def build_train_scorer(cfg: Config, world) -> RewardScorer:
+    """The weighted sum of train.rewards, each built from its own section (local weights path, device)."""
+    from tdm_r1.rewards import build_reward
+
+    rewards = [
+        (build_reward(r.name, cfg=cfg.reward, word_of=world.word_of, term=r), r.weight) for r in cfg.train.rewards
+    ]
+    return RewardScorer(rewards, world.metadata_of)
+
+
+def baseline_evals(
+    cfg: Config,
+    roles: Roles,
+    world,
+    words: list[str],
+    state: dict,
+    dist: Dist = LOCAL,
+    train_words: list[str] | None = None,
+) -> dict:
+    """Teacher at sample.nfe + CFG and at K steps, and the starting generator at K steps, on `words`; the starting
+    generator also on `train_words` when given (row tdm_4nfe_train). Cached per run; every rank takes rank 0's view
+    of the cache, since evaluating partitioned roles is collective."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    def words_id(ws: list[str] | None) -> str | None:
+        return None if ws is None else hashlib.sha256("\n".join(ws).encode()).hexdigest()[:16]
+
+    path = Path(cfg.run_dir) / "baselines.json"
+    from tdm_r1.build import content_id, teacher_id, teacher_source
+
+    # what the numbers depend on, by content: replacing a checkpoint at the same path invalidates the cache
+    key = {
+        "teacher": teacher_source(cfg),
+        "teacher_id": teacher_id(cfg),
+        "generator_init": cfg.roles.generator_init,
+        "generator_init_id": content_id(cfg.roles.generator_init),
+        "words": [len(words), words_id(words)],
+        "train_words": None if train_words is None else [len(train_words), words_id(train_words)],
+        "seed": cfg.eval.seed,
+        "sampling": [cfg.sample.nfe, cfg.sample.cfg, cfg.tdm.steps, cfg.tdm.shift],
+        "seeds": list(eval_seeds(cfg)),
+    }
+    cached = json.loads(path.read_text()) if dist.is_main and path.is_file() else None
+    cached = dist.broadcast_object(cached)
+    if cached is not None and cached.get("key") == key:
+        return cached["results"]
+    seeds, ref_seeds, train_seeds = eval_seeds(cfg)
+    k = cfg.tdm.steps
+    results = {
+        "teacher_32nfe_cfg": evaluate_role(
+            roles.reference, world, cfg, words, cfg.sample.nfe, cfg.sample.cfg, state, dist, ref_seeds
+        )[0],
+        "teacher_4nfe": evaluate_role(roles.reference, world, cfg, words, k, 1.0, state, dist, seeds)[0],
+        "tdm_4nfe": evaluate_role(roles.generator_ema, world, cfg, words, k, 1.0, state, dist, seeds)[0],
+    }
+    if train_words is not None:
+        results["tdm_4nfe_train"] = evaluate_role(
+            roles.generator_ema, world, cfg, train_words, k, 1.0, state, dist, train_seeds
+        )[0]
+    if dist.is_main:
+        path.write_text(json.dumps({"key": key, "results": results}, indent=2) + "\n")
+    return results

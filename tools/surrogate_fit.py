@@ -22,9 +22,9 @@ from tdm_r1.config import load_config
 from tdm_r1.diagnostics import preference_probe
 from tdm_r1.optim import build_optimizers, optimizer_step, update_shadow
 from tdm_r1.rewards import build_reward
+from tdm_r1.rewards.scorer import RewardScorer
 from tdm_r1.roles import build_roles
 from tdm_r1.trainer import (
-    RewardScorer,
     advantage_phase,
     draw_surrogate_step,
     micro_batches,

@@ -22,8 +22,9 @@ from tdm_r1.build import load_generator_init, load_teacher
 from tdm_r1.config import load_config
 from tdm_r1.diagnostics import format_probe, preference_probe
 from tdm_r1.rewards import build_reward
+from tdm_r1.rewards.scorer import RewardScorer
 from tdm_r1.roles import build_roles
-from tdm_r1.trainer import RewardScorer, advantage_phase, rollout_phase
+from tdm_r1.trainer import advantage_phase, rollout_phase
 from tdm_r1.worlds.ocr import build_world
 from tdm_r1.worlds.stream import PromptStream
 

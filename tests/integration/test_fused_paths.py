@@ -14,6 +14,7 @@ from tdm_r1 import checkpoint as ckpt
 from tdm_r1 import distill, trainer, updates
 from tdm_r1.config import load_config
 from tdm_r1.rewards import build_reward
+from tdm_r1.rewards.scorer import RewardScorer
 from tdm_r1.roles import build_roles
 from tdm_r1.worlds.ocr import build_world
 from tdm_r1.worlds.stream import PromptStream
@@ -79,7 +80,7 @@ def test_train_generator_step_with_grad_reproduces_the_rollout(backend, teacher_
     cfg = load_config(None, [*TINY, *RUN, f"roles.teacher={teacher_path}", f"run_dir={tmp_path}"])
     roles = build_roles(cfg.roles, ckpt.load_model(teacher_path)[0], surrogate=True, fake=True)
     world = build_world(cfg.world)
-    scorer = trainer.RewardScorer([(build_reward("dark_fraction"), 1.0)])
+    scorer = RewardScorer([(build_reward("dark_fraction"), 1.0)])
     gen = torch.Generator().manual_seed(0)
     batch = trainer.rollout_phase(roles, world, PromptStream(world.train_words, 0), scorer, cfg.train,
                                   cfg.tdm, gen)  # fmt: skip

@@ -12,8 +12,9 @@ from tdm_r1.config import ConfigError, load_config
 from tdm_r1.optim import build_optimizers, update_shadow
 from tdm_r1.rewards import build_reward, register_reward
 from tdm_r1.rewards.base import RewardFailureError
+from tdm_r1.rewards.scorer import RewardScorer
 from tdm_r1.roles import build_roles
-from tdm_r1.trainer import RewardScorer, advantage_phase, rollout_phase, train, update_phase
+from tdm_r1.trainer import advantage_phase, rollout_phase, train, update_phase
 from tdm_r1.worlds.ocr import build_world
 from tdm_r1.worlds.stream import PromptStream
 
