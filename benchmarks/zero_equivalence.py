@@ -18,6 +18,7 @@ import torch
 from tdm_r1 import distributed
 from tdm_r1.build import load_teacher
 from tdm_r1.config import load_config, to_dict
+from tdm_r1.distributed.engines import wrap_roles
 from tdm_r1.optim import build_optimizers
 from tdm_r1.rewards import build_reward
 from tdm_r1.rewards.scorer import RewardScorer
@@ -32,7 +33,7 @@ def run(cfg, dist: distributed.Dist, engines: bool) -> tuple[list[dict], dict[st
     on = dist if engines else distributed.LOCAL
     torch.manual_seed(cfg.seed)
     roles = build_roles(cfg.roles, load_teacher(cfg), place=dist.place if engines else None)
-    opts = distributed.wrap_roles(roles, cfg.optim, dist) if engines else build_optimizers(roles, cfg.optim)
+    opts = wrap_roles(roles, cfg.optim, dist) if engines else build_optimizers(roles, cfg.optim)
     world, tc = build_world(cfg.world), cfg.train
     split = distributed.epoch_split(tc, on)
     stream, gen = PromptStream(world.words("train"), cfg.seed), torch.Generator().manual_seed(cfg.seed)

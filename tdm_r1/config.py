@@ -293,7 +293,7 @@ class TrainConfig:
 class DistributedConfig:
     """DeepSpeed across ranks (DESIGN section 7). Used when the process was started by `deepspeed` or `torchrun`
     (their environment names RANK and WORLD_SIZE); a plain `tdm-r1 train` runs in one process without DeepSpeed
-    and ignores this section. Every trainable role becomes a DeepSpeed engine (tdm_r1/distributed.py)."""
+    and ignores this section. Every trainable role becomes a DeepSpeed engine (tdm_r1/distributed/engines.py)."""
 
     zero_stage: Literal[0, 1, 2, 3] = 3  # 3 partitions parameters, gradients and optimizer states of every role
     # bf16 weights and activations with fp32 master weights in the optimizer; false = fp32 throughout (CPU tests).

@@ -84,7 +84,7 @@ class Role:
     host: _AdapterHost | None = None
     adapter: str | None = None
     # Distributed runs: the callable (x, s, cond) -> v that runs this role's module through its DeepSpeed engine,
-    # with .backward(loss) on trainable roles (tdm_r1.distributed.wrap_roles). None: call the module directly.
+    # with .backward(loss) on trainable roles (tdm_r1.distributed.engines.wrap_roles). None: call the module directly.
     engine: Callable | None = field(default=None, repr=False)
 
     def _ctx(self):

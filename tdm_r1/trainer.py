@@ -13,14 +13,12 @@ ablation, which exists to show why).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from tdm_r1.advantages import group_advantages
 from tdm_r1.config import Config, TDMConfig, TrainConfig
-from tdm_r1.distributed import LOCAL, Dist, Shard, Split
+from tdm_r1.distributed import LOCAL, Dist, Split
 from tdm_r1.evaluate import (
     baseline_evals,
     build_train_scorer,
@@ -29,24 +27,21 @@ from tdm_r1.evaluate import (
     evaluate_role,
     label_samples,
 )
-from tdm_r1.losses import (
-    generator_targets,
-    generator_term_weights,
-    group_preference,
-    sample_tau,
-    surrogate_loss,
-    x0_from_velocity,
-)
-from tdm_r1.models.base import Cond
 from tdm_r1.optim import build_optimizers, optimizer_step, update_shadow
 from tdm_r1.report import paired_gain
 from tdm_r1.rewards.base import RewardFailureError
 from tdm_r1.rewards.scorer import RewardScorer
 from tdm_r1.roles import Roles
 from tdm_r1.sampling import Trajectory, rollout
-from tdm_r1.updates import fake_score_backward
+from tdm_r1.updates import (
+    Batch,
+    draw_surrogate_step,
+    fake_score_backward,
+    fill_samples,
+    generator_backward,
+    surrogate_backward,
+)
 from tdm_r1.worlds.stream import PromptStream
-from tdm_r1_kernels import fused_renoise, fused_revised_x0_loss, fused_sampler_step, fused_velocity_target_mse
 
 # Config keys that may change between a run and its resumption (how long it runs and what it writes).
 RESUMABLE_CHANGES = (
@@ -63,51 +58,6 @@ RESUMABLE_CHANGES = (
     "reward.threads",
     "distributed.",
 )
-
-
-@dataclass
-class Batch:
-    """One epoch's rollouts: P prompts x G samples (this rank's share of them), whole trajectories, rewards and
-    advantages; or one micro-batch of them."""
-
-    words: list[str]
-    prompts: list[str]
-    cond: Cond
-    traj: Trajectory
-    group_ids: Tensor  # [N] prompt group of each sample (within its micro-batch, for a micro-batch)
-    rewards: Tensor  # [N], NaN = the scorer failed
-    adv: Tensor  # [N]
-    split: Split | None = None  # an epoch: which of the P x G samples this rank holds
-    shard: Shard | None = None  # a micro-batch: its rows of the global micro-batch, for which draws are made
-
-    def select(self, rows: slice, shard: Shard) -> Batch:
-        idx = torch.arange(rows.start, rows.stop)
-        t = Trajectory(self.traj.xs[:, idx], self.traj.s, self.traj.v[:, idx])
-        return Batch(
-            [self.words[i] for i in idx.tolist()],
-            [self.prompts[i] for i in idx.tolist()],
-            self.cond[idx],
-            t,
-            self.group_ids[idx] - shard.first_group,
-            self.rewards[idx],
-            self.adv[idx],
-            shard=shard,
-        )
-
-
-def _full(value: float, like: Tensor) -> Tensor:
-    return torch.full((like.shape[0],), float(value), device=like.device)
-
-
-def group_noise(group_ids: Tensor, n_groups: int, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
-    """Noise shared within each prompt group: [N, *shape] with rows of one group equal (drawn for all `n_groups`
-    groups of the global micro-batch, so a group spread over ranks gets one noise)."""
-    return torch.randn((n_groups, *shape), generator=gen)[group_ids]
-
-
-def _tau(mb: Batch, s_lo: float, tdm: TDMConfig, gen: torch.Generator, device: torch.device) -> Tensor:
-    """tau [B] above s_lo for this micro-batch's samples (drawn for the whole global micro-batch)."""
-    return mb.shard.take(sample_tau(mb.shard.full(s_lo, device), tdm.tau_margin, tdm.shift, gen))
 
 
 # -- 1. rollout + 2. rewards ----------------------------------------------------------------------------
@@ -172,143 +122,6 @@ def advantage_phase(batch: Batch, tc: TrainConfig, dist: Dist = LOCAL) -> dict[s
     }
 
 
-# -- 4b. surrogate reward -------------------------------------------------------------------------------
-
-
-def draw_surrogate_step(k_steps: int, gen: torch.Generator) -> int:
-    """k in 0..K-1 with P(k) proportional to k + 1."""
-    p = torch.arange(1, k_steps + 1, dtype=torch.float64)
-    return int(torch.multinomial(p / p.sum(), 1, generator=gen))
-
-
-def surrogate_backward(
-    roles: Roles,
-    mb: Batch,
-    k: int,
-    tc: TrainConfig,
-    tdm: TDMConfig,
-    gen: torch.Generator,
-    scale: float,
-    dist: Dist = LOCAL,
-) -> dict[str, float]:
-    """Group preference loss of the surrogate at the stored state x_{s_{k+1}}, backward. Group scores and the
-    reference gate's batch drift are summed over the ranks that share the micro-batch."""
-    x = mb.traj.xs[k + 1]
-    s_val = float(mb.traj.s[k + 1])
-    s = _full(s_val, x)
-    tau = _tau(mb, max(s_val, tc.t_min_surrogate), tdm, gen, x.device)
-    n = group_noise(mb.group_ids, mb.shard.groups, tuple(x.shape[1:]), gen).to(x.device)
-    x_tau, _, _ = fused_renoise(x, n, s, tau)
-    v_sur = roles.surrogate.velocity(x_tau, tau, mb.cond)
-    reference = roles.reference if tc.surrogate_reference == "teacher" else roles.slow_surrogate
-    with torch.no_grad():
-        v_ref = reference.velocity(x_tau, tau, mb.cond)
-        v_old = roles.slow_surrogate.velocity(x_tau, tau, mb.cond)
-        l_ref = fused_velocity_target_mse(x, n, s, tau, v_ref)
-        l_old = fused_velocity_target_mse(x, n, s, tau, v_old)
-    l = fused_velocity_target_mse(x, n, s, tau, v_sur)
-    drift = (v_sur.float() - v_ref.float()).square().mean()
-    pref = group_preference(
-        l,
-        l_ref,
-        l_old,
-        mb.adv,
-        mb.group_ids,
-        tc.group_size,
-        tc.beta_dpo,
-        tc.ppo_clip,
-        dist.mean(drift.detach()),
-        tc.ref_gate_threshold,
-        group_score_sum=dist.group_score_sum(mb.shard.groups),
-    )
-    tw = (k + 1) / tdm.steps
-    loss = surrogate_loss(l, mb.adv, pref, drift, tc.surrogate_beta, tw)
-    roles.surrogate.backward(loss * scale)
-    return {
-        "loss_sur": loss.item(),
-        "sur_l_minus_ref": float((l.detach() - l_ref).mean()),
-        "sur_drift": drift.item(),
-        "sur_weight": float(pref["weight"].mean()),
-        "gate_ppo": float(pref["ppo_gate"].float().mean()),
-        "gate_ref": float(pref["ref_gate"].float().mean()),
-        "gate_keep": float(pref["keep"].float().mean()),
-    }
-
-
-# -- 4c. generator --------------------------------------------------------------------------------------
-
-
-def generator_backward(
-    roles: Roles, mb: Batch, j: int, tc: TrainConfig, tdm: TDMConfig, gen: torch.Generator, scale: float
-) -> dict[str, float]:
-    """Revised-x0 KL + CFG-as-reward + learned-reward losses of the generator at step j, backward."""
-    x = mb.traj.xs[j]
-    s, s_next = _full(float(mb.traj.s[j]), x), _full(float(mb.traj.s[j + 1]), x)
-    v = roles.generator.velocity(x, s, mb.cond)
-    s_next_val = float(mb.traj.s[j + 1])
-    tau = _tau(mb, s_next_val, tdm, gen, x.device)
-    # the rollout's sampler step, now with grad, re-noised to tau with fresh noise in the same pass
-    step = fused_sampler_step(x, v, s, s_next, noise=mb.shard.randn(tuple(x.shape[1:]), gen, x.device), tau=tau)
-    x0_hat, x_next, x_tau = step.x0_hat, step.x_next.detach(), step.x_tau.detach()
-    tau2 = _tau(mb, max(s_next_val, tc.t_min_generator), tdm, gen, x.device)
-    n2 = group_noise(mb.group_ids, mb.shard.groups, tuple(x.shape[1:]), gen).to(x.device)
-    with torch.no_grad():
-        v_c, v_u = roles.reference.velocity_cfg(x_tau, tau, mb.cond)
-        v_f = roles.fake.velocity(x_tau, tau, mb.cond)
-    x0 = lambda vel: x0_from_velocity(x_tau, tau, vel)  # noqa: E731
-    rl_terms: dict[str, float] = {}
-    if tc.generator_loss == "tdm_r1":
-        x_tau2, _, _ = fused_renoise(x_next, n2, s_next, tau2)
-        with torch.no_grad():
-            sc, su = roles.surrogate.velocity_cfg(x_tau2, tau2, mb.cond)
-            v_ref2 = roles.reference.velocity(x_tau2, tau2, mb.cond)
-        v_sur_cfg = su + tdm.rl_cfg * (sc - su)
-        x0b = lambda vel: x0_from_velocity(x_tau2, tau2, vel)  # noqa: E731
-        t = generator_targets(x0_hat, x0(v_c), x0(v_u), x0(v_f), tdm.cfg, x0b(v_sur_cfg), x0b(v_ref2))
-        weights = generator_term_weights(j, tdm.trunc_steps, tdm.w_tdm, with_reward=True)
-        per_sample, terms = fused_revised_x0_loss(
-            x0_hat,
-            t["target_kl"],
-            t["target_cfg"],
-            t["target_reward"],
-            t["ref_real"],
-            t["ref_reward"],
-            weights,
-            eps=tdm.normaliser_eps,
-        )
-        loss = per_sample.mean()
-    else:  # direct_rl ablation: advantage-weighted denoising loss on the generator itself
-        t = generator_targets(x0_hat, x0(v_c), x0(v_u), x0(v_f), tdm.cfg)
-        w_kl, w_cfg, w_rl = generator_term_weights(j, tdm.trunc_steps, tdm.w_tdm, with_reward=True)
-        per_sample, terms = fused_revised_x0_loss(
-            x0_hat,
-            t["target_kl"],
-            t["target_cfg"],
-            None,
-            t["ref_real"],
-            None,
-            (w_kl, w_cfg, 0.0),
-            eps=tdm.normaliser_eps,
-        )
-        loss = per_sample.mean()
-        if w_rl > 0:
-            x_clean = mb.traj.xs[j + 1]  # the stored next state, re-noised with group noise like the surrogate's
-            x_tau2, _, _ = fused_renoise(x_clean, n2, s_next, tau2)
-            v_gen = roles.generator.velocity(x_tau2, tau2, mb.cond)
-            l_gen = fused_velocity_target_mse(x_clean, n2, s_next, tau2, v_gen)
-            direct = (mb.adv * l_gen).mean()
-            loss = loss + w_rl * direct
-            rl_terms["gen_direct_rl"] = direct.item()
-    roles.generator.backward(loss * scale)
-    return {
-        "loss_gen": loss.item(),
-        "gen_kl": float(terms[:, 0].mean()),
-        "gen_cfg": float(terms[:, 1].mean()),
-        "gen_reward": float(terms[:, 2].mean()),
-        **rl_terms,
-    }
-
-
 # -- 4. the update loop over stored micro-batches -------------------------------------------------------
 
 
@@ -350,7 +163,7 @@ def update_phase(
                 if step > 0:  # the generator moved since the rollout: its stored output is stale
                     with torch.no_grad():
                         mb.traj.v[j] = roles.generator.velocity(
-                            mb.traj.xs[j], _full(float(mb.traj.s[j]), mb.traj.xs[j]), mb.cond
+                            mb.traj.xs[j], fill_samples(float(mb.traj.s[j]), mb.traj.xs[j]), mb.cond
                         )
                 parts = fake_score_backward(roles.fake, roles.reference, mb.cond, mb.traj, j, tdm, gen, scale, mb.shard)
                 k = draw_surrogate_step(tdm.steps, gen)
@@ -381,7 +194,7 @@ def _save_state(cfg: Config, progress, roles: Roles, opts: dict, teacher_sha: st
 
     info = {"command": "train", "config": to_dict(cfg), "teacher_sha256": teacher_sha, "epoch": progress.step}
     if dist.deepspeed:
-        from tdm_r1.distributed import save_state
+        from tdm_r1.distributed.engines import save_state
 
         state = {"step": progress.step, "data": progress.stream.state()}
         state["rng"] = ckpt.rng_state({"train": progress.gen}, {})
@@ -406,7 +219,7 @@ def _resume(path, cfg: Config, progress, roles: Roles, opts: dict, teacher_sha: 
     if not dist.deepspeed:
         load_resume(path, cfg, progress, roles, opts, teacher_sha, command="train", resumable=RESUMABLE_CHANGES)
         return
-    from tdm_r1.distributed import load_state
+    from tdm_r1.distributed.engines import load_state
 
     state, info = load_state(path, dist, roles, opts)
     check_resume_info(path, info, cfg, teacher_sha, "train", RESUMABLE_CHANGES)
@@ -528,6 +341,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     from tdm_r1.build import build_run_world, is_diffusers, load_run_generator_init, load_run_teacher, teacher_id
     from tdm_r1.checkpoint.resume import Progress, resolve_resume, truncate_log
     from tdm_r1.config import save_config
+    from tdm_r1.distributed.engines import wrap_roles
     from tdm_r1.evaluate import eval_words
     from tdm_r1.report import RunReporter
     from tdm_r1.roles import build_roles
@@ -553,7 +367,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     )
     if is_diffusers(cfg):  # every role holds its own copy (or the shared base); export reads only the folder
         teacher = generator_init = None
-    opts = distributed.wrap_roles(roles, cfg.optim, dist) if dist.deepspeed else build_optimizers(roles, cfg.optim)
+    opts = wrap_roles(roles, cfg.optim, dist) if dist.deepspeed else build_optimizers(roles, cfg.optim)
     progress = Progress(0, PromptStream(world.words("train"), cfg.seed), torch.Generator().manual_seed(cfg.seed))
     if resume is not None:
         path = resolve_resume(resume, run)

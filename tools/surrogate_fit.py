@@ -24,13 +24,8 @@ from tdm_r1.optim import build_optimizers, optimizer_step, update_shadow
 from tdm_r1.rewards import build_reward
 from tdm_r1.rewards.scorer import RewardScorer
 from tdm_r1.roles import build_roles
-from tdm_r1.trainer import (
-    advantage_phase,
-    draw_surrogate_step,
-    micro_batches,
-    rollout_phase,
-    surrogate_backward,
-)
+from tdm_r1.trainer import advantage_phase, micro_batches, rollout_phase
+from tdm_r1.updates import draw_surrogate_step, surrogate_backward
 from tdm_r1.worlds.ocr import build_world
 from tdm_r1.worlds.stream import PromptStream
 
