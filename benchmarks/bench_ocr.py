@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tdm_r1.config import RewardConfig, WorldConfig
+from tdm_r1.config import WorldConfig
 from tdm_r1.rewards.base import score_images
-from tdm_r1.rewards.ocr import OCRReward
+from tdm_r1.rewards.ocr import OCROptions, OCRReward
 from tdm_r1.worlds.ocr import build_world
 
 
@@ -44,10 +44,10 @@ def main() -> None:
     prompts = [world.prompt(w) for w in words]
     rows = []
     for cols, nrows in [(4, 16), (8, 8), (2, 32)]:
-        reward = OCRReward(RewardConfig(tile_columns=cols, tile_rows=nrows), world.word_of)
+        reward = OCRReward(OCROptions(tile_columns=cols, tile_rows=nrows))
         reward.read(images[:4])  # warm-up: model load and first-call allocations
         t0 = time.perf_counter()
-        scores = score_images(reward, images, prompts)
+        scores = score_images(reward, images, prompts, world.targets(words))
         dt = time.perf_counter() - t0
         rows.append(
             {

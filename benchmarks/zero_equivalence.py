@@ -16,28 +16,19 @@ import argparse
 import torch
 
 from tdm_r1 import distributed
-from tdm_r1.build import load_teacher
 from tdm_r1.config import load_config, to_dict
-from tdm_r1.distributed.engines import wrap_roles
-from tdm_r1.optim import build_optimizers
-from tdm_r1.rewards import build_reward
-from tdm_r1.rewards.scorer import RewardScorer
-from tdm_r1.roles import build_roles
-from tdm_r1.trainer import advantage_phase, rollout_phase, update_phase
-from tdm_r1.worlds.ocr import build_world
-from tdm_r1.worlds.stream import PromptStream
+from tdm_r1.phases import advantage_phase, rollout_phase, update_phase
+from tdm_r1.rewards.scorer import build_scorer
+from tdm_r1.run import build_run
 
 
 def run(cfg, dist: distributed.Dist, engines: bool) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Per-epoch metrics and the whole role tensors after cfg.train.epochs epochs."""
     on = dist if engines else distributed.LOCAL
-    torch.manual_seed(cfg.seed)
-    roles = build_roles(cfg.roles, load_teacher(cfg), place=dist.place if engines else None)
-    opts = wrap_roles(roles, cfg.optim, dist) if engines else build_optimizers(roles, cfg.optim)
-    world, tc = build_world(cfg.world), cfg.train
-    split = distributed.epoch_split(tc, on)
-    stream, gen = PromptStream(world.words("train"), cfg.seed), torch.Generator().manual_seed(cfg.seed)
-    scorer = RewardScorer([(build_reward(r.name, cfg=cfg.reward, word_of=world.word_of), r.weight) for r in tc.rewards])
+    r = build_run(cfg, dist=on)
+    roles, opts, world, tc, split = r.roles, r.opts, r.world, cfg.train, r.split
+    stream, gen = r.progress.stream, r.progress.gen
+    scorer = build_scorer(cfg)
     recs = []
     for epoch in range(1, tc.epochs + 1):
         batch = rollout_phase(roles, world, stream, scorer, tc, cfg.tdm, gen, split)

@@ -20,15 +20,12 @@ from pathlib import Path
 import torch
 
 from tdm_r1 import distributed
-from tdm_r1.build import load_teacher
 from tdm_r1.config import Config, load_config
-from tdm_r1.distributed.engines import wrap_roles
+from tdm_r1.phases import advantage_phase, micro_batches, rollout_phase
 from tdm_r1.rewards import build_reward
 from tdm_r1.rewards.scorer import RewardScorer
-from tdm_r1.roles import build_roles
-from tdm_r1.trainer import advantage_phase, micro_batches, rollout_phase
+from tdm_r1.run import build_run
 from tdm_r1.updates import fake_score_backward, generator_backward, surrogate_backward
-from tdm_r1.worlds.ocr import build_world
 from tdm_r1.worlds.stream import PromptStream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,14 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def measure(cfg: Config) -> tuple[dict, object]:
     """(this rank's bytes, the roles) after one micro-batch of every backward and one step per role. Collective."""
-    dist = distributed.init(cfg.distributed, cfg.optim)
-    roles = build_roles(cfg.roles, load_teacher(cfg), place=dist.place)
-    engines = wrap_roles(roles, cfg.optim, dist)
-    world, tc = build_world(cfg.world), cfg.train
+    run = build_run(cfg)
+    dist, roles, engines, world, tc, split = run.dist, run.roles, run.opts, run.world, cfg.train, run.split
     scorer = RewardScorer([(build_reward("dark_fraction"), 1.0)])
     gen = torch.Generator().manual_seed(0)
-    split = distributed.epoch_split(tc, dist)
-    batch = rollout_phase(roles, world, PromptStream(world.words("train"), 0), scorer, tc, cfg.tdm, gen, split)
+    batch = rollout_phase(roles, world, PromptStream(world.items("train"), 0), scorer, tc, cfg.tdm, gen, split)
     scorer.close()
     advantage_phase(batch, tc, dist)
     mb = micro_batches(batch)[0]

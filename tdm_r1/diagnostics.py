@@ -165,11 +165,13 @@ def score_heldout_samples(args: argparse.Namespace) -> tuple[Tensor, Tensor, flo
     """For a checkpoint tool: one sample per held-out word at eval seed --seed, its OCR scores, and the ink threshold
     (halfway between the world's mean background and text levels). Returns (images [N, C, H, W], scores [N],
     threshold)."""
-    from tdm_r1.evaluate import build_eval_reward, generate
+    from tdm_r1.evaluate import generate
+    from tdm_r1.rewards.base import score_images
+    from tdm_r1.rewards.scorer import build_eval_reward
 
     model, world, cfg = load_checkpoint_tool(args)
-    words = world.words("heldout")
+    words = world.items("heldout")
     images = generate(model, world, words, args.nfe, args.cfg, cfg.tdm.shift, args.seed, cfg.eval.batch_size)
-    scores = build_eval_reward(cfg.reward, world)(images, [world.prompt(w) for w in words])
+    scores = score_images(build_eval_reward(cfg), images, [world.prompt(w) for w in words], world.targets(words))
     w = world.cfg
     return images, scores, (sum(w.background_level) + sum(w.text_level)) / 4

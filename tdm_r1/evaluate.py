@@ -1,5 +1,5 @@
-"""Held-out / train evaluation: sample each word (or prompt) once, score it, report the mean score and the rate of
-perfect scores. The toy world is scored by OCR (`ocr_mean`, `ocr_exact`); a diffusers run by its configured rewards
+"""Held-out / train evaluation: sample each item (a word, a prompt) once, score it, report the mean score and the rate
+of perfect scores. The toy world is scored by OCR (`ocr_mean`, `ocr_exact`); a diffusers run by its configured rewards
 (`reward_mean`, `reward_exact`)."""
 
 from __future__ import annotations
@@ -13,23 +13,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tdm_r1.config import Config, ConfigError, EvalConfig, RewardConfig
+from tdm_r1.checkpoint.sources import content_id, teacher_id, teacher_source
+from tdm_r1.config import Config, ConfigError, EvalConfig, is_diffusers
 from tdm_r1.distributed import LOCAL, Dist
 from tdm_r1.models.base import FlowModel
 from tdm_r1.rewards.base import Reward, score_images
-from tdm_r1.rewards.ocr import OCRReward
-from tdm_r1.rewards.scorer import RewardScorer
+from tdm_r1.rewards.scorer import build_eval_reward, build_scorer
 from tdm_r1.roles import Roles
 from tdm_r1.sampling import rollout
 from tdm_r1.worlds.base import World
 
 
-def eval_words(world: World, split: str, n_train: int, seed: int) -> list[str]:
-    words = world.words(split)
-    if split == "train" and n_train < len(words):
-        idx = np.random.default_rng(seed).choice(len(words), n_train, replace=False)
-        words = [words[i] for i in sorted(idx)]
-    return words
+def eval_items(world: World, split: str, ecfg: EvalConfig) -> list[str]:
+    """The items a split is evaluated on: every held-out item; of the train split a fixed subset of
+    eval.train_subset items, seeded by eval.seed."""
+    items = world.items(split)
+    if split == "train" and ecfg.train_subset < len(items):
+        idx = np.random.default_rng(ecfg.seed).choice(len(items), ecfg.train_subset, replace=False)
+        items = [items[i] for i in sorted(idx)]
+    return items
 
 
 @torch.no_grad()
@@ -68,11 +70,11 @@ def evaluate(
     solver: str = "euler",
     metric: str = "ocr",
 ) -> tuple[dict, torch.Tensor]:
-    """Sample and score each word once; `metric` names the result keys (<metric>_mean, <metric>_exact)."""
+    """Sample and score each item once; `metric` names the result keys (<metric>_mean, <metric>_exact)."""
     t0 = time.time()
     images = generate(model, world, words, nfe, cfg, shift, ecfg.seed, ecfg.batch_size, solver)
     t1 = time.time()
-    scores = score_images(reward, images, [world.prompt(w) for w in words])
+    scores = score_images(reward, images, [world.prompt(w) for w in words], world.targets(words))
     ok = ~torch.isnan(scores)
     result = {
         f"{metric}_mean": float(scores[ok].mean()) if ok.any() else float("nan"),
@@ -126,19 +128,15 @@ def evaluate_seeds(
 def read_and_score(reward, images: torch.Tensor, words: list[str], world) -> tuple[list[str | None], list[float]]:
     """What a reading reward (OCR) read in each image and its score; rewards that do not read give None readings and
     their own scores. Images [B, C, H, W] in [0, 1]."""
-    prompts = [world.prompt(w) for w in words]
+    prompts, targets = [world.prompt(w) for w in words], world.targets(words)
     if hasattr(reward, "read"):
         from tdm_r1.rewards.ocr import ocr_score
 
         imgs = images.detach().float().cpu().clamp(0, 1)
         readings = reward.read(imgs.expand(-1, 3, -1, -1) if imgs.shape[1] == 1 else imgs)
-        return readings, [ocr_score(r, world.word_of(p)) for r, p in zip(readings, prompts)]
-    scores = score_images(reward, images, prompts, world.metadata_of(prompts))
+        return readings, [ocr_score(r, t["text"]) for r, t in zip(readings, targets)]
+    scores = score_images(reward, images, prompts, targets)
     return [None] * len(words), [float(s) for s in scores]
-
-
-def build_eval_reward(rcfg: RewardConfig, world: World) -> OCRReward:
-    return OCRReward(rcfg, world.word_of)
 
 
 # -- a run's evaluations: roles at several seeds, the baselines cache, labelled samples ---------------------
@@ -154,33 +152,39 @@ def evaluate_role(
     state: dict,
     dist: Dist = LOCAL,
     seeds: int = 1,
+    many_step: bool = False,
 ) -> tuple[dict, Tensor]:
     """Sample and score: the toy world by OCR, a diffusers run by its configured rewards (`eval_metric`), at `seeds`
-    eval seeds from cfg.eval.seed (`evaluate_seeds`: > 1 adds per-seed means and their standard error). Distributed:
+    eval seeds from cfg.eval.seed (`evaluate_seeds`: > 1 adds per-seed means and their standard error); the few-step
+    schedule (tdm.shift, Euler), or with many_step the teacher's sampler (sample.shift, sample.solver). Distributed:
     every rank samples (partitioned roles run collectively), rank 0 scores and shares the result."""
+    shift, solver = (cfg.sample.shift, cfg.sample.solver) if many_step else (cfg.tdm.shift, "euler")
 
     if not dist.is_main:
         images = [
-            generate(role, world, words, nfe, guidance, cfg.tdm.shift, cfg.eval.seed + i, cfg.eval.batch_size)
+            generate(role, world, words, nfe, guidance, shift, cfg.eval.seed + i, cfg.eval.batch_size, solver)
             for i in range(seeds)
         ]
         return dist.broadcast_object(None), images[0]
     reward, metric = eval_reward(cfg, world, state), eval_metric(cfg)
 
     def one(ecfg) -> tuple[dict, Tensor]:
-        return evaluate(role, world, reward, words, nfe, guidance, cfg.tdm.shift, ecfg, metric=metric)
+        return evaluate(role, world, reward, words, nfe, guidance, shift, ecfg, solver, metric=metric)
 
     result, images = evaluate_seeds(one, cfg.eval, seeds, metric)
     return dist.broadcast_object(result), images
 
 
-def eval_reward(cfg: Config, world, state: dict):
-    """The evaluation reward, built once per run into `state`: OCR on the toy world, the weighted train.rewards on a
-    diffusers run."""
-    from tdm_r1.build import is_diffusers
+def evaluates_with_train_rewards(cfg: Config) -> bool:
+    """A run is evaluated by OCR (`ocr_*`) on the toy OCR world, by its weighted train.rewards (`reward_*`) on any
+    other world (diffusers prompt files, a world plugged in by world.name)."""
+    return is_diffusers(cfg) or cfg.world.name != "ocr"
 
+
+def eval_reward(cfg: Config, world, state: dict):
+    """The evaluation reward (`evaluates_with_train_rewards`), built once per run into `state`."""
     if "reward" not in state:
-        state["reward"] = build_train_scorer(cfg, world) if is_diffusers(cfg) else build_eval_reward(cfg.reward, world)
+        state["reward"] = build_scorer(cfg) if evaluates_with_train_rewards(cfg) else build_eval_reward(cfg)
     return state["reward"]
 
 
@@ -222,20 +226,8 @@ def eval_seeds(cfg: Config) -> tuple[int, int, int]:
 
 
 def eval_metric(cfg: Config) -> str:
-    """Name of the evaluation score: `ocr` (toy world) or `reward` (diffusers runs: the weighted train.rewards)."""
-    from tdm_r1.build import is_diffusers
-
-    return "reward" if is_diffusers(cfg) else "ocr"
-
-
-def build_train_scorer(cfg: Config, world) -> RewardScorer:
-    """The weighted sum of train.rewards, each built from its own section (local weights path, device)."""
-    from tdm_r1.rewards import build_reward
-
-    rewards = [
-        (build_reward(r.name, cfg=cfg.reward, word_of=world.word_of, term=r), r.weight) for r in cfg.train.rewards
-    ]
-    return RewardScorer(rewards, world.metadata_of)
+    """Name of the evaluation score: `ocr` (the toy OCR world) or `reward` (the weighted train.rewards)."""
+    return "reward" if evaluates_with_train_rewards(cfg) else "ocr"
 
 
 def baseline_evals(
@@ -258,8 +250,6 @@ def baseline_evals(
         return None if ws is None else hashlib.sha256("\n".join(ws).encode()).hexdigest()[:16]
 
     path = Path(cfg.run_dir) / "baselines.json"
-    from tdm_r1.build import content_id, teacher_id, teacher_source
-
     # what the numbers depend on, by content: replacing a checkpoint at the same path invalidates the cache
     key = {
         "teacher": teacher_source(cfg),
@@ -269,7 +259,7 @@ def baseline_evals(
         "words": [len(words), words_id(words)],
         "train_words": None if train_words is None else [len(train_words), words_id(train_words)],
         "seed": cfg.eval.seed,
-        "sampling": [cfg.sample.nfe, cfg.sample.cfg, cfg.tdm.steps, cfg.tdm.shift],
+        "sampling": [cfg.sample.nfe, cfg.sample.cfg, cfg.sample.shift, cfg.sample.solver, cfg.tdm.steps, cfg.tdm.shift],
         "seeds": list(eval_seeds(cfg)),
     }
     cached = json.loads(path.read_text()) if dist.is_main and path.is_file() else None
@@ -280,7 +270,7 @@ def baseline_evals(
     k = cfg.tdm.steps
     results = {
         "teacher_32nfe_cfg": evaluate_role(
-            roles.reference, world, cfg, words, cfg.sample.nfe, cfg.sample.cfg, state, dist, ref_seeds
+            roles.reference, world, cfg, words, cfg.sample.nfe, cfg.sample.cfg, state, dist, ref_seeds, many_step=True
         )[0],
         "teacher_4nfe": evaluate_role(roles.reference, world, cfg, words, k, 1.0, state, dist, seeds)[0],
         "tdm_4nfe": evaluate_role(roles.generator_ema, world, cfg, words, k, 1.0, state, dist, seeds)[0],

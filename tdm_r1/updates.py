@@ -65,7 +65,7 @@ class Batch:
     """One epoch's rollouts: P prompts x G samples (this rank's share of them), whole trajectories, rewards and
     advantages; or one micro-batch of them."""
 
-    words: list[str]
+    items: list[str]  # the world's item of each sample
     prompts: list[str]
     cond: Cond
     traj: Trajectory
@@ -75,11 +75,18 @@ class Batch:
     split: Split | None = None  # an epoch: which of the P x G samples this rank holds
     shard: Shard | None = None  # a micro-batch: its rows of the global micro-batch, for which draws are made
 
+    @classmethod
+    def of_rollout(cls, prompts: list[str], cond: Cond, traj: Trajectory) -> Batch:
+        """One process's unscored rollout (`distill`): each sample its own group, the draws made for these rows."""
+        n = traj.xs.shape[1]
+        zeros = torch.zeros(n)
+        return cls(prompts, prompts, cond, traj, torch.arange(n), zeros, zeros, shard=Shard(0, n, n, n, 0))
+
     def select(self, rows: slice, shard: Shard) -> Batch:
         idx = torch.arange(rows.start, rows.stop)
         t = Trajectory(self.traj.xs[:, idx], self.traj.s, self.traj.v[:, idx])
         return Batch(
-            [self.words[i] for i in idx.tolist()],
+            [self.items[i] for i in idx.tolist()],
             [self.prompts[i] for i in idx.tolist()],
             self.cond[idx],
             t,
@@ -168,9 +175,10 @@ def surrogate_backward(
 
 
 def generator_backward(
-    roles: Roles, mb: Batch, j: int, tc: TrainConfig, tdm: TDMConfig, gen: torch.Generator, scale: float
+    roles: Roles, mb: Batch, j: int, tc: TrainConfig | None, tdm: TDMConfig, gen: torch.Generator, scale: float
 ) -> dict[str, float]:
-    """Revised-x0 KL + CFG-as-reward + learned-reward losses of the generator at step j, backward."""
+    """Revised-x0 losses of the generator at step j, backward: KL + CFG-as-reward + learned reward (`train`), or with
+    tc None the reward term off, KL + CFG at w_tdm (`distill`, DESIGN section 5 without the surrogate)."""
     x = mb.traj.xs[j]
     s, s_next = fill_samples(float(mb.traj.s[j]), x), fill_samples(float(mb.traj.s[j + 1]), x)
     v = roles.generator.velocity(x, s, mb.cond)
@@ -179,14 +187,17 @@ def generator_backward(
     # the rollout's sampler step, now with grad, re-noised to tau with fresh noise in the same pass
     step = fused_sampler_step(x, v, s, s_next, noise=mb.shard.randn(tuple(x.shape[1:]), gen, x.device), tau=tau)
     x0_hat, x_next, x_tau = step.x0_hat, step.x_next.detach(), step.x_tau.detach()
-    tau2 = _tau(mb, max(s_next_val, tc.t_min_generator), tdm, gen, x.device)
-    n2 = group_noise(mb.group_ids, mb.shard.groups, tuple(x.shape[1:]), gen).to(x.device)
+    with_reward = tc is not None
+    if with_reward:  # the learned reward's re-noising (drawn before the forwards, for every generator_loss)
+        tau2 = _tau(mb, max(s_next_val, tc.t_min_generator), tdm, gen, x.device)
+        n2 = group_noise(mb.group_ids, mb.shard.groups, tuple(x.shape[1:]), gen).to(x.device)
     with torch.no_grad():
         v_c, v_u = roles.reference.velocity_cfg(x_tau, tau, mb.cond)
         v_f = roles.fake.velocity(x_tau, tau, mb.cond)
     x0 = lambda vel: x0_from_velocity(x_tau, tau, vel)  # noqa: E731
+    weights = generator_term_weights(j, tdm.trunc_steps, tdm.w_tdm, with_reward=with_reward)
     rl_terms: dict[str, float] = {}
-    if tc.generator_loss == "tdm_r1":
+    if with_reward and tc.generator_loss == "tdm_r1":
         x_tau2, _, _ = fused_renoise(x_next, n2, s_next, tau2)
         with torch.no_grad():
             sc, su = roles.surrogate.velocity_cfg(x_tau2, tau2, mb.cond)
@@ -194,45 +205,41 @@ def generator_backward(
         v_sur_cfg = su + tdm.rl_cfg * (sc - su)
         x0b = lambda vel: x0_from_velocity(x_tau2, tau2, vel)  # noqa: E731
         t = generator_targets(x0_hat, x0(v_c), x0(v_u), x0(v_f), tdm.cfg, x0b(v_sur_cfg), x0b(v_ref2))
-        weights = generator_term_weights(j, tdm.trunc_steps, tdm.w_tdm, with_reward=True)
-        per_sample, terms = fused_revised_x0_loss(
-            x0_hat,
-            t["target_kl"],
-            t["target_cfg"],
-            t["target_reward"],
-            t["ref_real"],
-            t["ref_reward"],
-            weights,
-            eps=tdm.normaliser_eps,
-        )
-        loss = per_sample.mean()
-    else:  # direct_rl ablation: advantage-weighted denoising loss on the generator itself
+        loss, terms = _revised_x0_loss(x0_hat, t, weights, tdm)
+    else:  # distill, or the direct_rl ablation: KL + CFG here, its reward weight on a denoising term below
         t = generator_targets(x0_hat, x0(v_c), x0(v_u), x0(v_f), tdm.cfg)
-        w_kl, w_cfg, w_rl = generator_term_weights(j, tdm.trunc_steps, tdm.w_tdm, with_reward=True)
-        per_sample, terms = fused_revised_x0_loss(
-            x0_hat,
-            t["target_kl"],
-            t["target_cfg"],
-            None,
-            t["ref_real"],
-            None,
-            (w_kl, w_cfg, 0.0),
-            eps=tdm.normaliser_eps,
-        )
-        loss = per_sample.mean()
-        if w_rl > 0:
-            x_clean = mb.traj.xs[j + 1]  # the stored next state, re-noised with group noise like the surrogate's
-            x_tau2, _, _ = fused_renoise(x_clean, n2, s_next, tau2)
-            v_gen = roles.generator.velocity(x_tau2, tau2, mb.cond)
-            l_gen = fused_velocity_target_mse(x_clean, n2, s_next, tau2, v_gen)
-            direct = (mb.adv * l_gen).mean()
-            loss = loss + w_rl * direct
+        loss, terms = _revised_x0_loss(x0_hat, t, (weights[0], weights[1], 0.0), tdm)
+        if with_reward and weights[2] > 0:
+            direct = direct_rl_term(roles, mb, j, n2, s_next, tau2)
+            loss = loss + weights[2] * direct
             rl_terms["gen_direct_rl"] = direct.item()
     roles.generator.backward(loss * scale)
-    return {
-        "loss_gen": loss.item(),
-        "gen_kl": float(terms[:, 0].mean()),
-        "gen_cfg": float(terms[:, 1].mean()),
-        "gen_reward": float(terms[:, 2].mean()),
-        **rl_terms,
-    }
+    out = {"loss_gen": loss.item(), "gen_kl": float(terms[:, 0].mean()), "gen_cfg": float(terms[:, 1].mean())}
+    if with_reward:
+        out["gen_reward"] = float(terms[:, 2].mean())
+    return out | rl_terms
+
+
+def _revised_x0_loss(x0_hat: Tensor, t: dict, weights: tuple[float, float, float], tdm: TDMConfig):
+    """The per-sample revised-x0 loss (mean over the micro-batch) and its [B, 3] terms."""
+    per_sample, terms = fused_revised_x0_loss(
+        x0_hat,
+        t["target_kl"],
+        t["target_cfg"],
+        t.get("target_reward"),
+        t["ref_real"],
+        t.get("ref_reward"),
+        weights,
+        eps=tdm.normaliser_eps,
+    )
+    return per_sample.mean(), terms
+
+
+def direct_rl_term(roles: Roles, mb: Batch, j: int, n2: Tensor, s_next: Tensor, tau2: Tensor) -> Tensor:
+    """The direct_rl ablation's advantage-weighted denoising loss on the generator itself, at the stored next state
+    re-noised with group noise like the surrogate's."""
+    x_clean = mb.traj.xs[j + 1]
+    x_tau2, _, _ = fused_renoise(x_clean, n2, s_next, tau2)
+    v_gen = roles.generator.velocity(x_tau2, tau2, mb.cond)
+    l_gen = fused_velocity_target_mse(x_clean, n2, s_next, tau2, v_gen)
+    return (mb.adv * l_gen).mean()

@@ -11,8 +11,9 @@ its better samples; a held-out target above the best-of-G value asks it to rende
 from __future__ import annotations
 
 from tdm_r1.diagnostics import best_of_k, checkpoint_tool_parser, load_checkpoint_tool
-from tdm_r1.evaluate import build_eval_reward, eval_words, generate
+from tdm_r1.evaluate import eval_items, generate
 from tdm_r1.rewards.base import score_images
+from tdm_r1.rewards.scorer import build_eval_reward
 
 
 def main() -> None:
@@ -22,10 +23,10 @@ def main() -> None:
     args = ap.parse_args()
 
     model, world, cfg = load_checkpoint_tool(args)
-    words = eval_words(world, "heldout", cfg.eval.n_train, cfg.eval.seed)[: args.words]
+    words = eval_items(world, "heldout", cfg.eval)[: args.words]
     rep = [w for w in words for _ in range(args.samples)]
     images = generate(model, world, rep, args.nfe, args.cfg, cfg.tdm.shift, args.seed, cfg.eval.batch_size)
-    r = score_images(build_eval_reward(cfg.reward, world), images, [world.prompt(w) for w in rep])
+    r = score_images(build_eval_reward(cfg), images, [world.prompt(w) for w in rep], world.targets(rep))
     r = r.view(len(words), args.samples)
     print(f"{args.checkpoint}: {len(words)} held-out words x {args.samples} samples, {args.nfe} NFE, cfg {args.cfg}")
     print(

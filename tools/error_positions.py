@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from tdm_r1.diagnostics import checkpoint_tool_parser, error_positions, load_checkpoint_tool
-from tdm_r1.evaluate import build_eval_reward, generate
+from tdm_r1.evaluate import generate
 from tdm_r1.rewards.ocr import normalise_text
+from tdm_r1.rewards.scorer import build_eval_reward
 
 
 def report(tag: str, words: list[str], readings: list[str]) -> None:
@@ -29,8 +30,8 @@ def main() -> None:
     args = ap.parse_args()
 
     model, world, cfg = load_checkpoint_tool(args)
-    reward = build_eval_reward(cfg.reward, world)
-    words = [w for w in world.words("heldout") for _ in range(args.samples)]
+    reward = build_eval_reward(cfg)
+    words = [w for w in world.items("heldout") for _ in range(args.samples)]
     images = generate(model, world, words, args.nfe, args.cfg, cfg.tdm.shift, args.seed, cfg.eval.batch_size)
     report(f"{args.checkpoint} ({args.nfe} NFE, cfg {args.cfg})", words, reward.read(images))
     real = world.render_batch(words, np.random.default_rng(args.seed))

@@ -17,16 +17,13 @@ import time
 
 import torch
 
-from tdm_r1.build import load_generator_init, load_teacher
 from tdm_r1.config import load_config
 from tdm_r1.diagnostics import preference_probe
-from tdm_r1.optim import build_optimizers, optimizer_step, update_shadow
-from tdm_r1.rewards import build_reward
-from tdm_r1.rewards.scorer import RewardScorer
-from tdm_r1.roles import build_roles
-from tdm_r1.trainer import advantage_phase, micro_batches, rollout_phase
+from tdm_r1.optim import optimizer_step, update_shadow
+from tdm_r1.phases import advantage_phase, micro_batches, rollout_phase
+from tdm_r1.rewards.scorer import build_scorer
+from tdm_r1.run import build_run
 from tdm_r1.updates import draw_surrogate_step, surrogate_backward
-from tdm_r1.worlds.ocr import build_world
 from tdm_r1.worlds.stream import PromptStream
 
 TAUS = (0.1, 0.3, 0.5, 0.8)
@@ -52,23 +49,19 @@ def main() -> None:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     tc, tdm = cfg.train, cfg.tdm
-    world = build_world(cfg.world)
-    roles = build_roles(
-        cfg.roles, load_teacher(cfg), surrogate=True, fake=True, generator_init=load_generator_init(cfg)
-    )
-    opt = build_optimizers(roles, cfg.optim)["surrogate"]
-    rewards = [(build_reward(r.name, cfg=cfg.reward, word_of=world.word_of), r.weight) for r in tc.rewards]
-    scorer = RewardScorer(rewards)
+    run = build_run(cfg)
+    world, roles, opt = run.world, run.roles, run.opts["surrogate"]
+    scorer = build_scorer(cfg)
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
     with torch.no_grad():
-        stream = PromptStream(world.words("train"), args.seed)
+        stream = PromptStream(world.items("train"), args.seed)
         data = [rollout_phase(roles, world, stream, scorer, tc, tdm, gen) for _ in range(args.epochs)]
         for b in data:
             advantage_phase(b, tc)
         tc_probe = copy.copy(tc)
         tc_probe.prompts_per_epoch = args.probe_prompts
-        fresh = rollout_phase(roles, world, PromptStream(world.words("heldout"), args.seed), scorer, tc_probe, tdm, gen)
+        fresh = rollout_phase(roles, world, PromptStream(world.items("heldout"), args.seed), scorer, tc_probe, tdm, gen)
         advantage_phase(fresh, tc_probe)
     scorer.close()
     n = sum(b.rewards.numel() for b in data)

@@ -18,14 +18,11 @@ import argparse
 import torch
 
 from tdm_r1 import checkpoint as ckpt
-from tdm_r1.build import load_generator_init, load_teacher
 from tdm_r1.config import load_config
 from tdm_r1.diagnostics import format_probe, preference_probe
-from tdm_r1.rewards import build_reward
-from tdm_r1.rewards.scorer import RewardScorer
-from tdm_r1.roles import build_roles
-from tdm_r1.trainer import advantage_phase, rollout_phase
-from tdm_r1.worlds.ocr import build_world
+from tdm_r1.phases import advantage_phase, rollout_phase
+from tdm_r1.rewards.scorer import build_scorer
+from tdm_r1.run import build_run
 from tdm_r1.worlds.stream import PromptStream
 
 TAUS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)
@@ -42,16 +39,14 @@ def main() -> None:
     cfg = load_config(f"{args.run}/config.yaml")
     torch.set_num_threads(cfg.threads)
     cfg.train.prompts_per_epoch = args.prompts
-    world = build_world(cfg.world)
-    teacher = load_teacher(cfg)
-    roles = build_roles(cfg.roles, teacher, surrogate=True, fake=True, generator_init=load_generator_init(cfg))
+    run = build_run(cfg)
+    world, roles = run.world, run.roles
     state, _ = ckpt.read_train_state(args.state)
     roles.load_state_tensors(state["roles"])
-    rewards = [(build_reward(r.name, cfg=cfg.reward, word_of=world.word_of), r.weight) for r in cfg.train.rewards]
-    scorer = RewardScorer(rewards)
+    scorer = build_scorer(cfg)
     gen = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
-        stream = PromptStream(world.words("heldout"), args.seed)
+        stream = PromptStream(world.items("heldout"), args.seed)
         batch = rollout_phase(roles, world, stream, scorer, cfg.train, cfg.tdm, gen)
         scorer.close()
         advantage_phase(batch, cfg.train)

@@ -162,7 +162,7 @@ def state_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"state_{step:06d}.safetensors"
 
 
-# A distributed run (tdm_r1.distributed.engines.save_state) writes a directory per training state: one safetensors
+# A distributed run (tdm_r1.checkpoint.sharded) writes a directory per training state: one safetensors
 # file per rank (the same format as above, its ZeRO-3 partitions of the role tensors) and DeepSpeed's engine
 # checkpoints.
 SHARDED_GLOB = "state_*.shards"

@@ -10,9 +10,43 @@ from pathlib import Path
 import torch
 
 from tdm_r1 import checkpoint as ckpt
-from tdm_r1.config import Config, to_dict
+from tdm_r1.config import Config, from_dict, to_dict
+from tdm_r1.distributed import LOCAL, Dist
 from tdm_r1.roles import Roles
 from tdm_r1.worlds.stream import PromptStream
+
+# Config keys that may change between a run and its resumption, per command: they do not change the trajectory of the
+# training state, only how long the run goes on and what it writes.
+RESUMABLE_CHANGES = {
+    "train": (
+        "run_dir",
+        "threads",
+        "train.epochs",
+        "train.eval_every",
+        "train.eval_baselines",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.tensorboard",
+        "train.max_reward_failure",
+        "train.rewards.*.options.threads",
+        "eval.",
+        "distributed.",
+    ),
+    "distill": (
+        "run_dir",
+        "threads",
+        "distill.steps",
+        "distill.eval_every",
+        "distill.eval_at_end",
+        "distill.checkpoint_every",
+        "distill.keep_checkpoints",
+        "eval.",
+        "train.rewards",
+        "distributed.",
+    ),
+}
+# The progress counter a command's states and logs are keyed by.
+STEP_KEY = {"train": "epoch", "distill": "step"}
 
 
 @dataclass
@@ -50,18 +84,25 @@ def restore_progress(state: dict, progress: Progress) -> None:
     progress.step = int(state["step"])
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def _flat(d: dict | list, prefix: str = "") -> dict:
     out = {}
-    for k, v in d.items():
+    for k, v in d.items() if isinstance(d, dict) else enumerate(d):
         key = f"{prefix}{k}"
-        out |= _flat(v, key + ".") if isinstance(v, dict) else {key: v}
+        out |= _flat(v, key + ".") if isinstance(v, (dict, list)) else {key: v}  # an empty one adds no key
     return out
 
 
 def check_resume_config(saved: dict, current: dict, path: Path, resumable: tuple[str, ...]) -> None:
-    """The saved config differs from the current one only in keys `resumable` names (a trailing '.': a section)."""
-    allowed = lambda k: any(k == p or (p.endswith(".") and k.startswith(p)) for p in resumable)
-    a, b = _flat(saved), _flat(current)
+    """The saved config (in today's keys: `config.migrate`) differs from the current one only in keys `resumable`
+    names (a trailing '.': a section; '*': any one key, e.g. a list index; a name alone also covers what is below)."""
+    import fnmatch
+
+    def allowed(k: str) -> bool:
+        return any(
+            fnmatch.fnmatchcase(k, p + "*" if p.endswith(".") else p) or k.startswith(p + ".") for p in resumable
+        )
+
+    a, b = _flat(to_dict(from_dict(saved))), _flat(current)
     diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not allowed(k)]
     if diff:
         shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
@@ -121,3 +162,47 @@ def truncate_log(path: Path, step: int, key: str = "step") -> None:
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get(key, 0) <= step]
     path.write_text("".join(ln + "\n" for ln in keep))
+
+
+# -- one save / resume path for single-process and sharded (ZeRO) runs -----------------------------------------
+
+
+def save_run_state(
+    cfg: Config, progress: Progress, roles: Roles, opts: dict, teacher_sha: str, command: str, dist: Dist = LOCAL
+) -> Path:
+    """One training state of `command` ("train" / "distill"): a file, or in a distributed run a directory of per-rank
+    files (collective); then all but the newest `keep_checkpoints` are pruned."""
+    info = {"command": command, "config": to_dict(cfg), "teacher_sha256": teacher_sha, STEP_KEY[command]: progress.step}
+    if dist.deepspeed:
+        from tdm_r1.checkpoint.sharded import save_sharded_state
+
+        state = {"step": progress.step, "data": progress.stream.state()}
+        state["rng"] = ckpt.rng_state({"train": progress.gen}, {})
+        path = save_sharded_state(ckpt.sharded_state_path(cfg.run_dir, progress.step), dist, roles, opts, state, info)
+    else:
+        path = ckpt.state_path(cfg.run_dir, progress.step)
+        ckpt.save_train_state(path, capture_state(progress, roles, opts), info)
+    if dist.is_main:
+        ckpt.prune_train_states(cfg.run_dir, getattr(cfg, command).keep_checkpoints)
+    return path
+
+
+def resume_run_state(
+    path: Path, cfg: Config, progress: Progress, roles: Roles, opts: dict, teacher_sha: str, command: str, dist: Dist
+) -> None:
+    """Load a training state of `command` into this run (the same kind of run: single-process, or distributed on as
+    many ranks), after checking it belongs to it."""
+    resumable = RESUMABLE_CHANGES[command]
+    if ckpt.is_sharded(path) != dist.deepspeed:
+        raise ckpt.CheckpointError(
+            f"{path} was written by a {'distributed' if ckpt.is_sharded(path) else 'single-process'} run; resume it "
+            "the same way (a distributed state on as many ranks), or `tdm-r1 export` a role from it"
+        )
+    if not dist.deepspeed:
+        load_resume(path, cfg, progress, roles, opts, teacher_sha, command=command, resumable=resumable)
+        return
+    from tdm_r1.checkpoint.sharded import load_sharded_state
+
+    state, info = load_sharded_state(path, dist, roles, opts)
+    check_resume_info(path, info, cfg, teacher_sha, command, resumable)
+    restore_progress(state, progress)

@@ -1,19 +1,16 @@
 """DeepSpeed engines for the roles (DESIGN section 7): one engine per trainable role in full mode, one engine over the
-shared base and every adapter in lora mode, and the training states they write (a directory of per-rank files)."""
+shared base and every adapter in lora mode (their training states: `tdm_r1.checkpoint.sharded`)."""
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from tdm_r1.config import OptimConfig
-from tdm_r1.distributed import Dist, load_local, local_state
+from tdm_r1.distributed import Dist
 
 if TYPE_CHECKING:
     from tdm_r1.models.base import Cond
@@ -135,60 +132,3 @@ def wrap_roles(roles: Roles, ocfg: OptimConfig, dist: Dist) -> dict[str, RoleEng
         else:
             role.engine = _frozen(module, dist)
     return out
-
-
-def _unique_engines(engines: dict[str, RoleEngine]) -> dict[str, RoleEngine]:
-    """{directory name: engine}: the roles' own names, or "lora" for the engine they share."""
-    shared = len({id(e) for e in engines.values()}) == 1 and len(engines) > 1
-    return {"lora": next(iter(engines.values()))} if shared else dict(engines)
-
-
-def save_state(path: Path, dist: Dist, roles: Roles, engines: dict[str, RoleEngine], state: dict, info: dict) -> Path:
-    """Collective. A training state as a directory: DeepSpeed's checkpoint of each engine (optimizer states, fp32
-    master weights: engines/<role>/) and one safetensors file per rank with its values of every role tensor, the
-    RNG streams and data position. Written under a temporary name, renamed by rank 0 once every rank is done."""
-
-    from tdm_r1 import checkpoint as ckpt
-
-    tmp = path.with_name(path.name + ".tmp")
-    if dist.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    for name, engine in _unique_engines(engines).items():
-        engine.engine.save_checkpoint(
-            str(tmp / "engines" / name), tag="state", save_latest=False, exclude_frozen_parameters=True
-        )
-    params = roles.state_params()
-    shapes = {k: list(getattr(p, "ds_shape", p.shape)) for k, p in params.items()}
-    info = info | {"world_size": dist.world, "zero_stage": dist.zero_stage, "rank": dist.rank, "shapes": shapes}
-    ckpt.save_train_state(ckpt.rank_file(tmp, dist.rank), state | {"roles": local_state(params, dist)}, info)
-    dist.barrier()
-    if dist.is_main:
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    dist.barrier()
-    return path
-
-
-def load_state(path: Path, dist: Dist, roles: Roles, engines: dict[str, RoleEngine]) -> tuple[dict, dict]:
-    """Collective inverse of save_state on the same number of ranks: restores engines and role tensors; returns
-    this rank's (state, info) for the caller's checks and progress."""
-    from tdm_r1 import checkpoint as ckpt
-
-    state, info = ckpt.read_train_state(ckpt.rank_file(path, dist.rank))
-    if (info.get("world_size"), info.get("zero_stage")) != (dist.world, dist.zero_stage):
-        raise ckpt.CheckpointError(
-            f"{path} was written by {info.get('world_size')} ranks at ZeRO stage {info.get('zero_stage')}; this run "
-            f"has {dist.world} ranks at stage {dist.zero_stage} (resume with the same launch, or `tdm-r1 export` it)"
-        )
-    for name, engine in _unique_engines(engines).items():
-        engine.engine.load_checkpoint(
-            str(path / "engines" / name), tag="state", load_module_strict=False, load_lr_scheduler_states=False
-        )
-    tensors = state["roles"] if dist.zero_stage == 3 else ckpt.read_train_state(ckpt.rank_file(path, 0))[0]["roles"]
-    params = roles.state_params()
-    if set(tensors) != set(params):
-        raise ckpt.CheckpointError(f"{path}: its role tensors do not match this run's roles")
-    load_local(params, tensors)
-    return state, info

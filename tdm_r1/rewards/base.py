@@ -1,8 +1,13 @@
 """Reward protocol and registry.
 
-`Reward.__call__(images [B, 3, H, W] float in [0, 1] on CPU, prompts, metadata) -> scores [B] float`,
-always called under `torch.no_grad()` on detached images: non-differentiable by contract. A sample the
-scorer cannot judge is NaN.
+`Reward.__call__(images [B, 3, H, W] float in [0, 1] on CPU, prompts, targets) -> scores [B] float`,
+always called under `torch.no_grad()` on detached images: non-differentiable by contract. `targets[i]` is what the
+world says sample i is judged against (`World.targets`: the word to read, a requested count, GenEval's clauses), so
+no reward parses it back out of a prompt; `prompts[i]` is the text the model was conditioned on (for rewards that
+compare image and text, e.g. PickScore). A sample the scorer cannot judge is NaN.
+
+A reward is built by a factory `factory(term) -> Reward` from its own `train.rewards` entry (`RewardTermConfig`:
+name, weight, path, device, batch_size, and `options`, the reward's own settings, read with `reward_options`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from typing import Any, Protocol
 
 import torch
 
-from tdm_r1.config import ConfigError
+from tdm_r1.config import ConfigError, RewardTermConfig, from_dict
+from tdm_r1.registry import resolve
 
 
 class RewardFailureError(RuntimeError):
@@ -55,9 +61,16 @@ def reward_device(device: str) -> torch.device:
 class Reward(Protocol):
     name: str
 
-    def __call__(
-        self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
-    ) -> torch.Tensor: ...
+    def __call__(self, images: torch.Tensor, prompts: list[str], targets: list[dict]) -> torch.Tensor: ...
+
+
+def reward_options(term: RewardTermConfig, cls: type):
+    """The dataclass `cls` of a reward's settings from its entry's `options`, strictly: an unknown key or a wrong
+    type is a ConfigError naming `train.rewards[<name>].options.<key>`."""
+    try:
+        return from_dict(dict(term.options), cls)
+    except ConfigError as e:
+        raise ConfigError(f"train.rewards[{term.name}].options: {e}") from e
 
 
 # The built-in rewards by name, as import paths "module:factory": a reward's module (and the packages it needs) is
@@ -73,7 +86,7 @@ _REGISTRY: dict[str, Callable[..., Reward]] = {}  # registered at run time (regi
 
 
 def register_reward(name: str) -> Callable:
-    """Decorator: make `factory(cfg=, word_of=, term=, **_) -> Reward` buildable under `name` in this process."""
+    """Decorator: make `factory(term) -> Reward` buildable under `name` in this process."""
 
     def deco(factory: Callable[..., Reward]) -> Callable[..., Reward]:
         _REGISTRY[name] = factory
@@ -84,32 +97,22 @@ def register_reward(name: str) -> Callable:
 
 def reward_factory(name: str) -> Callable[..., Reward]:
     """The factory of a registered name, a built-in name or an import path "module:factory"; a clear error otherwise."""
-    import importlib
-
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    path = BUILTIN_REWARDS.get(name, name if ":" in name else None)
-    if path is None:
-        known = ", ".join(sorted({*BUILTIN_REWARDS, *_REGISTRY}))
-        raise ValueError(f"unknown reward {name!r}; registered: {known}; or an import path 'package.module:factory'")
-    module, _, attr = path.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module), attr, None)
-    except ImportError as e:
-        raise ValueError(f"reward {name!r}: cannot import {module!r}: {e}") from e
-    if not callable(factory):
-        raise ValueError(f"reward {name!r}: {module!r} has no callable {attr!r}")
-    return factory
+    return resolve(name, BUILTIN_REWARDS, _REGISTRY, "reward")
 
 
-def build_reward(name: str, **kwargs: Any) -> Reward:
-    return reward_factory(name)(**kwargs)
+def build_reward(term: RewardTermConfig | str, **options: Any) -> Reward:
+    """The reward of a train.rewards entry (or of a name, with `options` as its entry's options)."""
+    if isinstance(term, str):
+        term = RewardTermConfig(name=term, options=options)
+    return reward_factory(term.name)(term)
 
 
-def score_images(reward: Reward, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None):
+def score_images(reward: Reward, images: torch.Tensor, prompts: list[str], targets: list[dict]) -> torch.Tensor:
     """Call a reward the way the contract says: detached CPU float images, no grad."""
+    if not (len(prompts) == len(targets) == images.shape[0]):
+        raise ValueError(f"{images.shape[0]} images, {len(prompts)} prompts and {len(targets)} targets")
     with torch.no_grad():
         imgs = images.detach().float().cpu().clamp(0, 1)
         if imgs.shape[1] == 1:
             imgs = imgs.expand(-1, 3, -1, -1)
-        return reward(imgs, prompts, metadata).float()
+        return reward(imgs, prompts, targets).float()

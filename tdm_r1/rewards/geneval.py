@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tdm_r1.config import ConfigError, RewardTermConfig
 from tdm_r1.rewards.base import RewardSetupError, require_package, require_path, reward_device
 
 log = logging.getLogger(__name__)
@@ -146,24 +147,24 @@ class GenEval:
         return [COLORS[i] for i in logits.argmax(1).tolist()]
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
-        if metadata is None:
+    def __call__(self, images: torch.Tensor, prompts: list[str], targets: list[dict]) -> torch.Tensor:
+        if not any("include" in t or "exclude" in t for t in targets):
             raise ValueError("reward 'geneval' needs each prompt's GenEval metadata: give prompts as .jsonl files")
         arr = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
         scores = []
-        for rgb, meta in zip(arr, metadata):
+        for rgb, meta, prompt in zip(arr, targets, prompts):
             result = self._detect(self.detector, np.ascontiguousarray(rgb[..., ::-1]))  # mmdet reads BGR arrays
             boxes, masks = result if isinstance(result, tuple) else (result, None)
             objects = select_objects(boxes, masks, self.classnames, meta.get("tag"))
             pil = Image.fromarray(rgb)
             score = geneval_score(objects, meta, lambda found, cls, pil=pil: self._colors(pil, found, cls))
             if np.isnan(score):
-                log.warning("geneval: prompt %r has no include / exclude clauses to check", meta.get("prompt"))
+                log.warning("geneval: prompt %r has no include / exclude clauses to check", prompt)
             scores.append(score)
         return torch.tensor(scores, dtype=torch.float32)
 
 
-def build_geneval(cfg=None, word_of=None, term=None, **_) -> GenEval:
-    if term is None:
-        raise RewardSetupError("reward 'geneval' is built from its train.rewards entry (path, device, batch_size)")
+def build_geneval(term: RewardTermConfig) -> GenEval:
+    if term.options:
+        raise ConfigError(f"train.rewards[geneval].options: geneval takes none, got {sorted(term.options)}")
     return GenEval(term.path, term.device, term.batch_size)

@@ -1,21 +1,34 @@
 """OCR reward: rapidocr (ONNX, weights bundled in the wheel) reads the generated pixels.
 
 score = 1 if the normalised reading equals the word, else 1 - min(edit_distance, len(word)) / len(word)
-(the paper's OCR metric). Images are upscaled and padded with a white margin, then tiled many to a
-canvas so one detection + recognition call reads them all.
+(the paper's OCR metric), where the word is the sample's target `text` (`World.targets`). Images are upscaled and
+padded with a white margin, then tiled many to a canvas so one detection + recognition call reads them all.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-from tdm_r1.config import RewardConfig
+from tdm_r1.config import RewardTermConfig
+from tdm_r1.rewards.base import reward_options
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class OCROptions:
+    """The OCR reward's settings: `options:` of its train.rewards entry."""
+
+    upscale: int = 3  # integer upscaling before OCR
+    pad: int = 16  # white margin around each image, in upscaled pixels
+    tile_columns: int = 4  # images per canvas row when tiling
+    tile_rows: int = 16  # canvas rows; one OCR call per tile_columns * tile_rows images
+    threads: int = 0  # onnxruntime intra-op threads; 0 = library default
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -51,11 +64,10 @@ def _to_uint8_gray(images: torch.Tensor) -> np.ndarray:
 class OCRReward:
     name = "ocr"
 
-    def __init__(self, cfg: RewardConfig | None = None, word_of=None):
+    def __init__(self, options: OCROptions | None = None):
         from rapidocr import RapidOCR  # optional extra `ocr`
 
-        self.cfg = cfg or RewardConfig()
-        self.word_of = word_of
+        self.cfg = options or OCROptions()
         params = {"Global.log_level": "error", "Global.use_cls": False}
         if self.cfg.threads > 0:
             params["EngineConfig.onnxruntime.intra_op_num_threads"] = self.cfg.threads
@@ -97,19 +109,19 @@ class OCRReward:
             readings += self._read_canvas(chunk, min(self.cfg.tile_columns, len(chunk)))
         return readings
 
-    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
-        if self.word_of is None:
-            raise ValueError("OCRReward needs word_of (prompt -> target word) to score prompts")
+    def __call__(self, images: torch.Tensor, prompts: list[str], targets: list[dict]) -> torch.Tensor:
         readings = self.read(images)
         scores = []
-        for reading, prompt in zip(readings, prompts):
+        for reading, prompt, target in zip(readings, prompts, targets):
             try:
-                scores.append(ocr_score(reading, self.word_of(prompt)))
+                if not target.get("text"):
+                    raise ValueError("its target has no text to read (a prompt file's prompts quote it)")
+                scores.append(ocr_score(reading, target["text"]))
             except ValueError as e:
                 log.warning("ocr reward: cannot score prompt %r: %s", prompt, e)
                 scores.append(float("nan"))
         return torch.tensor(scores, dtype=torch.float32)
 
 
-def build_ocr_reward(cfg: RewardConfig | None = None, word_of=None, **_) -> OCRReward:
-    return OCRReward(cfg, word_of)
+def build_ocr_reward(term: RewardTermConfig) -> OCRReward:
+    return OCRReward(reward_options(term, OCROptions))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tdm_r1.config import ConfigError, RewardTermConfig
 from tdm_r1.rewards.base import RewardSetupError, require_package, require_path, reward_device
 
 HINT = (
@@ -56,7 +57,7 @@ class PickScore:
         self.model = self.model.eval().requires_grad_(False).to(self.device)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: list[str], targets: list[dict]) -> torch.Tensor:
         scores = []
         for i in range(0, len(prompts), self.batch_size):
             pil = to_pil(images[i : i + self.batch_size])
@@ -71,7 +72,7 @@ class PickScore:
         return torch.cat(scores).cpu()
 
 
-def build_pickscore(cfg=None, word_of=None, term=None, **_) -> PickScore:
-    if term is None:
-        raise RewardSetupError("reward 'pickscore' is built from its train.rewards entry (path, device, batch_size)")
+def build_pickscore(term: RewardTermConfig) -> PickScore:
+    if term.options:
+        raise ConfigError(f"train.rewards[pickscore].options: pickscore takes none, got {sorted(term.options)}")
     return PickScore(term.path, term.device, term.batch_size)

@@ -1,4 +1,5 @@
-"""The weighted sum of a run's rewards (train.rewards), scored off the training thread."""
+"""A run's rewards: the weighted sum of its train.rewards entries, scored off the training thread; and the reward a
+toy run is evaluated with (OCR)."""
 
 from __future__ import annotations
 
@@ -7,31 +8,38 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from tdm_r1.rewards.base import score_images
+from tdm_r1.config import Config, RewardTermConfig
+from tdm_r1.rewards.base import Reward, build_reward, score_images
 
 
 class RewardScorer:
     """Weighted sum of rewards, computed on a worker thread so OCR of one chunk overlaps sampling the next. Called
-    directly, it is that sum as one Reward (evaluation). `metadata_of(prompts)` gives the rewards' per-prompt metadata
-    (prompt files in .jsonl form)."""
+    directly, it is that sum as one Reward (evaluation)."""
 
-    def __init__(self, rewards: list[tuple[object, float]], metadata_of=None):
+    def __init__(self, rewards: list[tuple[Reward, float]]):
         self.rewards = rewards
-        self.metadata_of = metadata_of
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
 
-    def _score(self, images: Tensor, prompts: list[str]) -> Tensor:
-        metadata = self.metadata_of(prompts) if self.metadata_of is not None else None
+    def __call__(self, images: Tensor, prompts: list[str], targets: list[dict]) -> Tensor:
         total = torch.zeros(images.shape[0])
         for reward, weight in self.rewards:
-            total += weight * score_images(reward, images, prompts, metadata)
+            total += weight * score_images(reward, images, prompts, targets)
         return total
 
-    def __call__(self, images: Tensor, prompts: list[str], metadata: list[dict] | None = None) -> Tensor:
-        return self._score(images, prompts)
-
-    def submit(self, images: Tensor, prompts: list[str]) -> Future:
-        return self.pool.submit(self._score, images.detach().cpu(), list(prompts))
+    def submit(self, images: Tensor, prompts: list[str], targets: list[dict]) -> Future:
+        return self.pool.submit(self, images.detach().cpu(), list(prompts), list(targets))
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+
+
+def build_scorer(cfg: Config) -> RewardScorer:
+    """The weighted sum of train.rewards, each built from its own entry (options, local weights path, device)."""
+    return RewardScorer([(build_reward(term), term.weight) for term in cfg.train.rewards])
+
+
+def build_eval_reward(cfg: Config) -> Reward:
+    """The toy world's evaluation reward: OCR with the options of the run's `ocr` entry of train.rewards (defaults
+    when it trains on other rewards), so evaluation reads as the training reward does."""
+    term = next((t for t in cfg.train.rewards if t.name == "ocr"), RewardTermConfig(name="ocr"))
+    return build_reward(RewardTermConfig(name="ocr", options=dict(term.options)))

@@ -6,7 +6,6 @@ Its difficulty knobs live in `WorldConfig`; the reward is a real OCR engine (`td
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from tdm_r1.config import WorldConfig
+from tdm_r1.config import ConfigError, WorldConfig
 
 
 class PromptFileError(ValueError):
@@ -98,22 +97,14 @@ class OCRWorld:
     def width(self) -> int:
         return self.cfg.width
 
-    def metadata_of(self, prompts: list[str]) -> None:
-        """Per-prompt reward metadata: none in this world (the target word is in the prompt)."""
-        return None
-
     def prompt(self, word: str) -> str:
         return self.cfg.prompt_template.format(word=word)
 
-    def word_of(self, prompt: str) -> str:
-        """Invert `prompt`: the word the prompt asks for."""
-        pre, _, post = self.cfg.prompt_template.partition("{word}")
-        m = re.fullmatch(re.escape(pre) + "(.*)" + re.escape(post), prompt)
-        if m is None:
-            raise ValueError(f"prompt {prompt!r} does not match the template {self.cfg.prompt_template!r}")
-        return m.group(1)
+    def targets(self, words: list[str]) -> list[dict]:
+        """What the OCR reward reads each word's image against: the word itself."""
+        return [{"text": w} for w in words]
 
-    def words(self, split: str) -> list[str]:
+    def items(self, split: str) -> list[str]:
         if split == "train":
             return self.train_words
         if split == "heldout":
@@ -158,8 +149,10 @@ class OCRWorld:
 
 
 def build_world(cfg: WorldConfig) -> OCRWorld:
-    if cfg.name != "ocr":
-        raise ValueError(f"unknown world {cfg.name!r}")
+    if cfg.options:
+        raise ConfigError(
+            f"world.options: the ocr world's settings are world.* keys, got options {sorted(cfg.options)}"
+        )
     if cfg.random_rgb and cfg.channels != 3:
         raise ValueError("world.random_rgb needs world.channels: 3")
     if not 0.0 <= cfg.blot_prob <= 1.0:

@@ -1,10 +1,10 @@
 """Prompt files as the world of a diffusers model (model.kind sd3 / zimage): train and held-out prompts read from
 files, the image size the model is trained at, and, for text-rendering rewards, the target text of each prompt.
 
-Implements the World protocol (`tdm_r1.worlds.base`) like the toy OCR world, with
-each prompt standing for itself as a "word". `.jsonl` files also give per-prompt metadata for rewards that need it
-(GenEval's clauses). The target text of a prompt is its first double-quoted span (`a sign that says "OPEN"` ->
-`OPEN`; straight or curly quotes), so OCR prompt files need no separate answer column.
+Implements the World protocol (`tdm_r1.worlds.base`) like the toy OCR world, each prompt being an item. A prompt's
+reward targets are its `.jsonl` object (GenEval's clauses, for rewards that need them) and its target text: its first
+double-quoted span (`a sign that says "OPEN"` -> `OPEN`; straight or curly quotes), so OCR prompt files need no
+separate answer column.
 """
 
 from __future__ import annotations
@@ -79,25 +79,21 @@ class PromptWorld:
     def prompt(self, item: str) -> str:
         return item
 
-    def word_of(self, prompt: str) -> str:
-        """The text a prompt asks to render (its first double-quoted span)."""
-        text = quoted_text(prompt)
-        if text is None:
-            raise ValueError(f"prompt {prompt!r} has no double-quoted target text")
-        return text
+    def targets(self, prompts: list[str]) -> list[dict]:
+        """Each prompt's `.jsonl` object (none for a .txt file's), with "text": the text it asks to render (its first
+        double-quoted span) when it quotes one."""
+        out = []
+        for p in prompts:
+            text = quoted_text(p)
+            out.append(self.metadata.get(p, {}) | ({"text": text} if text is not None else {}))
+        return out
 
-    def words(self, split: str) -> list[str]:
+    def items(self, split: str) -> list[str]:
         if split == "train":
             return self.train_words
         if split == "heldout":
             return self.heldout_words
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'heldout'")
-
-    def metadata_of(self, prompts: list[str]) -> list[dict] | None:
-        """Per-prompt metadata for the rewards ({"prompt": ...} for prompts of a .txt file); None without any."""
-        if not self.metadata:
-            return None
-        return [self.metadata.get(p, {"prompt": p}) for p in prompts]
 
 
 def build_prompt_world(pcfg: PromptsConfig, dcfg: DiffusersConfig, need_text: bool = False) -> PromptWorld:

@@ -23,9 +23,9 @@ import torch
 
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.cli import main
+from tdm_r1.commands.train import train
 from tdm_r1.config import load_config
 from tdm_r1.models.tiny_dit import build_tiny_dit
-from tdm_r1.trainer import train
 
 pytestmark = pytest.mark.distributed
 
@@ -200,7 +200,7 @@ def test_export_of_the_sharded_checkpoint_equals_the_gathered_parameters(runs, r
                 "--cfg",
                 "1",
                 "--set",
-                "eval.n_train=2",
+                "eval.train_subset=2",
                 "--set",
                 f"world.heldout_words={runs / 'heldout.txt'}",
                 "--out",

@@ -19,8 +19,8 @@ import yaml
 
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.cli import main
+from tdm_r1.commands.train import train
 from tdm_r1.config import load_config
-from tdm_r1.trainer import train
 
 pytestmark = pytest.mark.distributed
 

@@ -16,16 +16,16 @@ import sys
 from pathlib import Path
 
 from tdm_r1 import distributed
-from tdm_r1.build import load_teacher
+from tdm_r1.checkpoint.sources import load_teacher
+from tdm_r1.commands.train import train
 from tdm_r1.config import load_config
 from tdm_r1.roles import build_roles
-from tdm_r1.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "configs/toy_ocr_r1_tiny_ds.yaml"
 TINY = ["model.dim=32", "model.depth=1", "model.heads=2", "model.text_layers=1"]
 # P=2 prompts x G=4; one group per global micro-batch, so each group spans both ranks (2 samples each)
-RUN = ["train.prompts_per_epoch=2", "train.group_size=4", "train.micro_batch_groups=1", "eval.n_train=2"]
+RUN = ["train.prompts_per_epoch=2", "train.group_size=4", "train.micro_batch_groups=1", "eval.train_subset=2"]
 
 
 def overrides(teacher: str, heldout: str, run_dir: Path, *extra: str) -> list[str]:
@@ -58,7 +58,7 @@ def main(out: Path, teacher: str, heldout: str) -> None:
     lora = load_config(CONFIG, overrides(teacher, heldout, out / "lora", "roles.mode=lora", "roles.lora_rank=4"))
     train(lora)
     dist = distributed.init(lora.distributed, lora.optim)
-    roles = build_roles(lora.roles, load_teacher(lora), place=dist.place)
+    roles = build_roles(lora.roles, load_teacher(lora), place=dist.place)  # partitioned, not wrapped in engines
     result["lora_partitions"] = partitions(roles)
     (out / f"rank{dist.rank}.json").write_text(json.dumps(result, indent=1))
 

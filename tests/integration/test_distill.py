@@ -9,10 +9,10 @@ from utils import TINY, role_named_parameters, save_tiny_teacher
 
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.cli import main
+from tdm_r1.commands.distill import distill
 from tdm_r1.config import load_config
-from tdm_r1.distill import distill, distill_step
-from tdm_r1.optim import build_optimizers
-from tdm_r1.roles import build_roles
+from tdm_r1.phases import distill_step
+from tdm_r1.run import build_run
 from tdm_r1.worlds.ocr import build_world
 from tdm_r1.worlds.stream import PromptStream
 
@@ -42,9 +42,8 @@ def deterministic(rec):
 def test_two_steps_change_every_trainable_parameter_and_no_frozen_one(mode, teacher_path, tmp_path):
     # no weight decay: a parameter may only move because its gradient is non-zero
     cfg = make_cfg(teacher_path, tmp_path, f"roles.mode={mode}", "optim.weight_decay=0.0")
-    teacher = ckpt.load_model(teacher_path)[0]
-    roles = build_roles(cfg.roles, teacher, surrogate=False)
-    opts = build_optimizers(roles, cfg.optim)
+    run = build_run(cfg, "distill")
+    roles, opts = run.roles, run.opts
     assert set(opts) == {"generator", "fake"}
     host = roles.host.model if mode == "lora" else None
     everything = {f"{n}/{k}": p for n, r in roles.active().items() for k, p in role_named_parameters(r, host)}

@@ -10,13 +10,11 @@ import pytest
 import torch
 from utils import TINY, save_tiny_teacher
 
-from tdm_r1 import checkpoint as ckpt
-from tdm_r1 import distill, trainer, updates
+from tdm_r1 import phases, updates
 from tdm_r1.config import load_config
 from tdm_r1.rewards import build_reward
 from tdm_r1.rewards.scorer import RewardScorer
-from tdm_r1.roles import build_roles
-from tdm_r1.worlds.ocr import build_world
+from tdm_r1.run import build_run
 from tdm_r1.worlds.stream import PromptStream
 from tdm_r1_kernels import dispatch
 
@@ -78,18 +76,18 @@ def _check_step(call, traj, j, grad: bool) -> int:
 
 def test_train_generator_step_with_grad_reproduces_the_rollout(backend, teacher_path, tmp_path, monkeypatch):
     cfg = load_config(None, [*TINY, *RUN, f"roles.teacher={teacher_path}", f"run_dir={tmp_path}"])
-    roles = build_roles(cfg.roles, ckpt.load_model(teacher_path)[0], surrogate=True, fake=True)
-    world = build_world(cfg.world)
+    run = build_run(cfg)
+    roles, world = run.roles, run.world
     scorer = RewardScorer([(build_reward("dark_fraction"), 1.0)])
     gen = torch.Generator().manual_seed(0)
-    batch = trainer.rollout_phase(roles, world, PromptStream(world.train_words, 0), scorer, cfg.train,
+    batch = phases.rollout_phase(roles, world, PromptStream(world.train_words, 0), scorer, cfg.train,
                                   cfg.tdm, gen)  # fmt: skip
     scorer.close()
-    trainer.advantage_phase(batch, cfg.train)
+    phases.advantage_phase(batch, cfg.train)
     spy = StepSpy(updates.fused_sampler_step)
     monkeypatch.setattr(updates, "fused_sampler_step", spy)
     reordered_differ = 0
-    for mb in trainer.micro_batches(batch):
+    for mb in phases.micro_batches(batch):
         for j in range(cfg.tdm.steps):
             spy.calls.clear()
             updates.generator_backward(roles, mb, j, cfg.train, cfg.tdm, gen, 1.0)
@@ -103,17 +101,17 @@ def test_train_generator_step_with_grad_reproduces_the_rollout(backend, teacher_
 
 def test_distill_generator_and_fake_steps_reproduce_the_rollout(backend, teacher_path, tmp_path, monkeypatch):
     cfg = load_config(None, [*TINY, *RUN, f"roles.teacher={teacher_path}", f"run_dir={tmp_path}"])
-    roles = build_roles(cfg.roles, ckpt.load_model(teacher_path)[0], surrogate=False)
-    world = build_world(cfg.world)
+    run = build_run(cfg, "distill")
+    roles, world = run.roles, run.world
     gen = torch.Generator().manual_seed(0)
-    cond, traj = distill._rollout(roles, world, PromptStream(world.train_words, 0), 3, cfg.tdm, gen)
-    spy = StepSpy(distill.fused_sampler_step)
-    monkeypatch.setattr(distill, "fused_sampler_step", spy)
-    monkeypatch.setattr(updates, "fused_sampler_step", spy)  # the fake-score phase shared with train
+    batch = phases._distill_rollout(roles, world, PromptStream(world.train_words, 0), 3, cfg.tdm, gen)
+    cond, traj = batch.cond, batch.traj
+    spy = StepSpy(updates.fused_sampler_step)
+    monkeypatch.setattr(updates, "fused_sampler_step", spy)  # the generator and fake-score phases shared with train
     reordered_differ = 0
     for j in range(cfg.tdm.steps):
         spy.calls.clear()
-        distill.generator_backward(roles, cond, traj, j, cfg.tdm, gen, 1.0)
+        updates.generator_backward(roles, batch, j, None, cfg.tdm, gen, 1.0)
         updates.fake_score_backward(roles.fake, roles.reference, cond, traj, j, cfg.tdm, gen, 1.0)
         assert len(spy.calls) == 2
         reordered_differ += _check_step(spy.calls[0], traj, j, grad=True)

@@ -8,14 +8,15 @@ import torch
 from utils import TINY, role_named_parameters, save_tiny_teacher
 
 from tdm_r1 import checkpoint as ckpt
+from tdm_r1.commands.train import train
 from tdm_r1.config import ConfigError, load_config
 from tdm_r1.optim import build_optimizers, update_shadow
+from tdm_r1.phases import advantage_phase, rollout_phase, update_phase
 from tdm_r1.rewards import build_reward, register_reward
 from tdm_r1.rewards.base import RewardFailureError
 from tdm_r1.rewards.scorer import RewardScorer
 from tdm_r1.roles import build_roles
-from tdm_r1.trainer import advantage_phase, rollout_phase, train, update_phase
-from tdm_r1.worlds.ocr import build_world
+from tdm_r1.run import build_run
 from tdm_r1.worlds.stream import PromptStream
 
 RUN = [
@@ -53,9 +54,8 @@ def make_cfg(paths, run_dir, *extra):
 
 
 def setup(cfg):
-    teacher = ckpt.load_model(cfg.roles.teacher)[0]
-    roles = build_roles(cfg.roles, teacher, surrogate=True, fake=True)
-    world = build_world(cfg.world)
+    run = build_run(cfg)
+    roles, world = run.roles, run.world
     scorer = RewardScorer([(build_reward("dark_fraction"), 1.0)])
     return roles, world, scorer
 
@@ -68,10 +68,10 @@ def test_same_seed_gives_bitwise_identical_rollouts(paths, tmp_path):
         gen = torch.Generator().manual_seed(7)
         runs.append(rollout_phase(roles, world, PromptStream(world.train_words, 3), scorer, cfg.train, cfg.tdm, gen))
     a, b = runs
-    assert a.words == b.words and len(a.words) == 6
+    assert a.items == b.items and len(a.items) == 6
     assert torch.equal(a.traj.xs, b.traj.xs) and torch.equal(a.traj.v, b.traj.v)
     assert torch.equal(a.rewards, b.rewards)
-    assert a.words[0] == a.words[1] == a.words[2] and a.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    assert a.items[0] == a.items[1] == a.items[2] and a.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
     scorer.close()
 
 
@@ -152,8 +152,8 @@ def test_four_epochs_equal_two_plus_resume_plus_two(paths, tmp_path):
 
 
 @register_reward("always_fails")
-def _failing(cfg=None, word_of=None, **_):
-    return lambda images, prompts, metadata=None: torch.full((images.shape[0],), float("nan"))
+def _failing(term):
+    return lambda images, prompts, targets: torch.full((images.shape[0],), float("nan"))
 
 
 def test_reward_failure_stops_after_a_checkpoint(paths, tmp_path):
@@ -304,7 +304,13 @@ def test_baselines_cache_follows_checkpoint_contents_not_paths(paths, tmp_path):
 
 
 def test_summary_rows_at_several_eval_seeds_and_the_paired_gain(paths, tmp_path):
-    extra = ("train.epochs=1", "train.eval_baselines=true", "sample.nfe=2", "eval.train_rows=true", "eval.n_train=3")
+    extra = (
+        "train.epochs=1",
+        "train.eval_baselines=true",
+        "sample.nfe=2",
+        "eval.train_rows=true",
+        "eval.train_subset=3",
+    )
     one = train(make_cfg(paths, tmp_path / "one", *extra))
     two = train(make_cfg(paths, tmp_path / "two", *extra, "eval.seeds=2", "eval.reference_seeds=1"))
     assert "seeds" not in two["teacher_32nfe_cfg"] and "ocr_mean_sem" not in one["tdm_r1_4nfe"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from tiny_models import HEIGHT, PROMPTS, WIDTH, tiny_cfg
 
+from tdm_r1.checkpoint.pipeline import EXPORT_INFO, LORA_FILE, export_diffusers_pipeline, split_lora
 from tdm_r1.config import RolesConfig
-from tdm_r1.models.export import EXPORT_INFO, LORA_FILE, export_diffusers_pipeline, split_lora
 from tdm_r1.models.lora import lora_target_regex
 from tdm_r1.roles import build_roles
 from tdm_r1.sampling import rollout

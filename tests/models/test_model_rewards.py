@@ -36,32 +36,32 @@ def term(name: str, path: str) -> RewardTermConfig:
 
 
 def test_pickscore_scores_images_against_prompts(pickscore_dir):
-    reward = build_reward("pickscore", term=term("pickscore", str(pickscore_dir)))
+    reward = build_reward(term("pickscore", str(pickscore_dir)))
     images = torch.rand(3, 3, 24, 40, generator=torch.Generator().manual_seed(0))
     prompts = ["red cube", "a cat", "two dogs"]
-    scores = reward(images, prompts)
+    scores = reward(images, prompts, [{}] * 3)
     assert scores.shape == (3,) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
-    assert torch.equal(scores, reward(images, prompts))  # deterministic, batched in twos
-    assert not torch.equal(scores, reward(images, ["a cat"] * 3))  # the prompt matters
-    assert not torch.equal(scores, reward(images.flip(0), prompts))  # and so does the image
-    one = reward(images[1:2], prompts[1:2])
+    assert torch.equal(scores, reward(images, prompts, [{}] * 3))  # deterministic, batched in twos
+    assert not torch.equal(scores, reward(images, ["a cat"] * 3, [{}] * 3))  # the prompt matters
+    assert not torch.equal(scores, reward(images.flip(0), prompts, [{}] * 3))  # and so does the image
+    one = reward(images[1:2], prompts[1:2], [{}])
     assert torch.allclose(one, scores[1:2], atol=1e-5)  # a sample's score does not depend on its batch
 
 
 def test_pickscore_needs_its_local_folder(tmp_path, pickscore_dir):
     with pytest.raises(RewardSetupError, match="reward 'pickscore' needs a local PickScore folder: set its `path`"):
-        build_reward("pickscore", term=term("pickscore", ""))
+        build_reward(term("pickscore", ""))
     with pytest.raises(RewardSetupError, match=f"path '{tmp_path / 'nope'}' does not exist"):
-        build_reward("pickscore", term=term("pickscore", str(tmp_path / "nope")))
+        build_reward(term("pickscore", str(tmp_path / "nope")))
     (tmp_path / "config.json").write_text((pickscore_dir / "config.json").read_text())
     with pytest.raises(RewardSetupError, match="lacks preprocessor_config.json"):
-        build_reward("pickscore", term=term("pickscore", str(tmp_path)))
+        build_reward(term("pickscore", str(tmp_path)))
 
 
 def test_geneval_names_what_is_missing(tmp_path, monkeypatch):
     with pytest.raises(RewardSetupError, match="reward 'geneval' needs a folder with the GenEval detector"):
-        build_reward("geneval", term=term("geneval", ""))
+        build_reward(term("geneval", ""))
     # the path exists; the detector package does not (as here): the error names it instead of scoring anything
     monkeypatch.setitem(sys.modules, "mmdet", None)
     with pytest.raises(RewardSetupError, match="reward 'geneval' needs the `mmdet` package"):
-        build_reward("geneval", term=term("geneval", str(tmp_path)))
+        build_reward(term("geneval", str(tmp_path)))

@@ -50,7 +50,8 @@ def test_recipe_loads_strictly(name):
     for term in cfg.train.rewards:  # model-based rewards load from a configured local folder
         assert term.name in ("ocr", "geneval", "pickscore") and (term.name == "ocr" or term.path)
     if name.endswith("_ocr"):  # 512 px images are read as they are, one per OCR call
-        assert (cfg.reward.upscale, cfg.reward.tile_columns, cfg.reward.tile_rows) == (1, 1, 1)
+        (ocr,) = [t for t in cfg.train.rewards if t.name == "ocr"]
+        assert ocr.options == {"upscale": 1, "tile_columns": 1, "tile_rows": 1}
 
 
 @pytest.mark.parametrize("name", RECIPES)

@@ -20,6 +20,7 @@ from tiny_models import PROMPTS, SD3_SEQ, ZIMAGE_SEQ, exported_pipeline_images, 
 from utils import role_named_parameters
 
 import tdm_r1.roles
+import tdm_r1.run
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.cli import main
 from tdm_r1.sampling import rollout
@@ -87,7 +88,7 @@ def runs(request, tmp_path_factory) -> Runs:
         return roles
 
     with one_thread(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tdm_r1.roles, "build_roles", spy)
+        mp.setattr(tdm_r1.run, "build_roles", spy)  # the run builder wires the roles
         assert main(["train", "--config", str(write_config(d, kind, source, d / "half", 1))]) == 0
         resume = write_config(d, kind, source, d / "half", 2)
         assert main(["train", "--config", str(resume), "--resume"]) == 0
@@ -202,7 +203,7 @@ def test_full_mode_run_exports_the_ema_transformer(zimage_dir, tmp_path):
     built = []
     real = tdm_r1.roles.build_roles
     with one_thread(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tdm_r1.roles, "build_roles", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+        mp.setattr(tdm_r1.run, "build_roles", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
         overrides = ["--set", "roles.mode=full", "--set", "train.eval_baselines=false"]
         assert main(["train", "--config", str(cfg), *overrides]) == 0
         assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0

@@ -248,7 +248,7 @@ def exported_pipeline_images(folder: Path, prompts: list[str], noise: torch.Tens
 
     from diffusers import DiffusionPipeline
 
-    from tdm_r1.models.export import EXPORT_INFO, LORA_FILE
+    from tdm_r1.checkpoint.pipeline import EXPORT_INFO, LORA_FILE
 
     pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
     if (folder / LORA_FILE).is_file():

@@ -98,7 +98,7 @@ def test_r1_configs_train_on_a_pool_of_train_words(name, size):
     pool = Path(cfg.world.train_words).read_text().split()
     assert pool == Path("configs/words/ocr_train.txt").read_text().split()[:size]
     train_seeds = cfg.eval.seeds if cfg.eval.train_seeds is None else cfg.eval.train_seeds
-    assert cfg.eval.n_train >= len(pool) and cfg.eval.train_rows and train_seeds > 1
+    assert cfg.eval.train_subset >= len(pool) and cfg.eval.train_rows and train_seeds > 1
     assert not set(pool) & set(Path(cfg.world.heldout_words).read_text().split())
 
 

@@ -131,7 +131,7 @@ def test_solid_blocks_hand_computed():
 
 def test_solid_blocks_tell_the_blot_worlds_renders_apart():
     # on the world's own renders: a clean word's widest solid run is a stem (<= 1 column), every blot is >= 4
-    words = build_world(WorldConfig()).words("heldout")
+    words = build_world(WorldConfig()).items("heldout")
     clean = build_world(WorldConfig()).render_batch(words, np.random.default_rng(0))[:, 0]
     blot = build_world(WorldConfig(blot_prob=1.0)).render_batch(words, np.random.default_rng(0))[:, 0]
     assert not solid_blocks(clean, 0.475)["blotted"].any()

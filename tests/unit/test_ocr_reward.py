@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from tdm_r1.config import RewardConfig, WorldConfig
+from tdm_r1.config import WorldConfig
 from tdm_r1.rewards import build_reward
 from tdm_r1.rewards.base import score_images
 from tdm_r1.rewards.ocr import edit_distance, ocr_score
@@ -16,7 +16,11 @@ def world():
 
 @pytest.fixture(scope="module")
 def reward(world):
-    return build_reward("ocr", cfg=RewardConfig(), word_of=world.word_of)
+    return build_reward("ocr")
+
+
+def prompts_and_targets(world, words):
+    return [world.prompt(w) for w in words], world.targets(words)
 
 
 def test_edit_distance_and_score_hand_cases():
@@ -32,20 +36,20 @@ def test_edit_distance_and_score_hand_cases():
 def test_clean_renders_score_high(world, reward):
     words = world.heldout_words[:48]
     imgs = world.render_batch(words, np.random.default_rng(0))
-    scores = score_images(reward, imgs, [world.prompt(w) for w in words])
+    scores = score_images(reward, imgs, [world.prompt(w) for w in words], world.targets(words))
     assert scores.shape == (48,)
     assert scores.mean() >= 0.95
 
 
 def test_blank_images_score_zero(world, reward):
     blank = torch.full((8, 3, 16, 64), 0.85)
-    scores = score_images(reward, blank, [world.prompt(w) for w in world.heldout_words[:8]])
+    scores = score_images(reward, blank, *prompts_and_targets(world, world.heldout_words[:8]))
     assert torch.all(scores == 0)
 
 
 def test_wrong_word_scores_below_one(world, reward):
     imgs = world.render_batch(["HOUSE", "TRAIN"], np.random.default_rng(0))
-    scores = score_images(reward, imgs, [world.prompt("MOUSE"), world.prompt("QZX")])
+    scores = score_images(reward, imgs, *prompts_and_targets(world, ["MOUSE", "QZX"]))
     assert scores[0] == pytest.approx(0.8)  # one substitution in five letters
     assert scores[1] < 0.5
 
@@ -58,5 +62,5 @@ def test_tiled_reading_equals_single_reading(world, reward):
 
 def test_reward_is_not_differentiable_by_contract(world, reward):
     imgs = world.render_batch(["CAT"], np.random.default_rng(0)).requires_grad_(True)
-    out = score_images(reward, imgs, [world.prompt("CAT")])
+    out = score_images(reward, imgs, *prompts_and_targets(world, ["CAT"]))
     assert not out.requires_grad

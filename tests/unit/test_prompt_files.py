@@ -88,12 +88,11 @@ def test_prompt_world(tmp_path):
     heldout = write(tmp_path / "h.txt", 'say "A"\nsay "B"\nsay "C"\n')
     pc = PromptsConfig(train=str(train), heldout=str(heldout), heldout_limit=2)
     world = build_prompt_world(pc, DiffusersConfig(height=64, width=96))
-    assert world.words("train") == ['a sign that says "HI"', "blue sky"]
-    assert world.words("heldout") == ['say "A"', 'say "B"'] and (world.height, world.width) == (64, 96)
-    assert world.prompt("blue sky") == "blue sky" and world.word_of('say "B"') == "B"
-    assert world.metadata_of(["blue sky"]) is None
-    with pytest.raises(ValueError, match="no double-quoted target text"):
-        world.word_of("blue sky")
+    assert world.items("train") == ['a sign that says "HI"', "blue sky"]
+    assert world.items("heldout") == ['say "A"', 'say "B"'] and (world.height, world.width) == (64, 96)
+    assert world.prompt("blue sky") == "blue sky"
+    # the reward targets: the quoted text to render; a prompt that quotes none has no text target
+    assert world.targets(['say "B"', "blue sky"]) == [{"text": "B"}, {}]
     with pytest.raises(ConfigError, match="prompts.train is empty"):
         build_prompt_world(PromptsConfig(heldout=str(heldout)), DiffusersConfig())
 

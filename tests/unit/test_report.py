@@ -159,17 +159,14 @@ class _World:
     def prompt(self, w):
         return f'a sign that says "{w}"'
 
-    def word_of(self, p):
-        return p.split('"')[1]
-
-    def metadata_of(self, prompts):
-        return None
+    def targets(self, words):
+        return [{"text": w} for w in words]
 
 
 def test_read_and_score_uses_the_readings_of_a_reading_reward():
     readings, scores = read_and_score(_Reader(), torch.rand(2, 3, 4, 8), ["CAT", "DOG"], _World())
     assert readings == ["CAT", "DGO"] and scores == [1.0, pytest.approx(1 / 3)]  # DGO: 2 edits of 3 letters
-    dark = lambda images, prompts, metadata=None: images.mean((1, 2, 3))  # noqa: E731  (a reward that does not read)
+    dark = lambda images, prompts, targets: images.mean((1, 2, 3))  # noqa: E731  (a reward that does not read)
     readings, scores = read_and_score(dark, _grey_tiles([0.25, 0.75]), ["CAT", "DOG"], _World())
     assert readings == [None, None] and scores == [0.25, 0.75]
 

@@ -18,17 +18,17 @@ def test_every_builtin_name_resolves_to_the_factory_its_path_names():
 
 def test_a_reward_outside_the_package_is_built_by_its_import_path():
     reward = build_reward("example_reward:build_half")
-    assert torch.equal(reward(torch.rand(3, 3, 4, 4), ["a", "b", "c"]), torch.full((3,), 0.5))
+    assert torch.equal(reward(torch.rand(3, 3, 4, 4), ["a", "b", "c"], [{}] * 3), torch.full((3,), 0.5))
     assert "example_reward" in sys.modules
 
 
 def test_registered_names_come_first():
     @register_reward("dark_fraction_twice")
-    def _twice(**_):
-        return lambda images, prompts, metadata=None: 2 * build_reward("dark_fraction")(images, prompts, metadata)
+    def _twice(term):
+        return lambda images, prompts, targets: 2 * build_reward("dark_fraction")(images, prompts, targets)
 
     images = torch.zeros(2, 3, 4, 4)  # all dark
-    assert torch.equal(build_reward("dark_fraction_twice")(images, ["a", "b"]), torch.full((2,), 2.0))
+    assert torch.equal(build_reward("dark_fraction_twice")(images, ["a", "b"], [{}] * 2), torch.full((2,), 2.0))
 
 
 @pytest.mark.parametrize(

@@ -157,7 +157,7 @@ def test_full_fake_starts_from_given_model(teacher, inputs):
 
 
 def test_run_loads_fake_init_from_config(teacher, inputs, tmp_path):
-    from tdm_r1.build import load_run_generator_init
+    from tdm_r1.checkpoint.sources import load_run_generator_init
 
     cfg = Config(model=MODEL, world=WORLD)
     a = build_roles(cfg.roles, teacher, surrogate=False)

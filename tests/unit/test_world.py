@@ -29,12 +29,9 @@ def test_images_shape_range_and_text_pixels(world):
     assert (clean[..., 50:] > 0.8).all()
 
 
-def test_prompt_grammar_round_trip(world):
-    p = world.prompt("CAT")
-    assert p == 'a sign that says "CAT"'
-    assert world.word_of(p) == "CAT"
-    with pytest.raises(ValueError, match="template"):
-        world.word_of("a dog")
+def test_prompt_grammar_and_reward_targets(world):
+    assert world.prompt("CAT") == 'a sign that says "CAT"'
+    assert world.targets(["CAT", "DOG"]) == [{"text": "CAT"}, {"text": "DOG"}]  # the OCR reward's targets
 
 
 def test_splits_disjoint_and_nonempty(world):

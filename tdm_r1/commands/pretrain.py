@@ -6,6 +6,7 @@ prompt dropout to the empty prompt so CFG works. The EMA weights are what gets s
 
 from __future__ import annotations
 
+import argparse
 import copy
 import time
 from pathlib import Path
@@ -15,10 +16,29 @@ import torch
 from tqdm import tqdm
 
 from tdm_r1.checkpoint import read_model, save_model
-from tdm_r1.config import Config, ConfigError, save_config
+from tdm_r1.commands.common import add_config_args, setup_threads
+from tdm_r1.config import Config, ConfigError, load_config, save_config
 from tdm_r1.models.tiny_dit import build_tiny_dit
 from tdm_r1.report import JsonlLogger
-from tdm_r1.worlds.ocr import build_world
+from tdm_r1.worlds import build_world
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="train the toy teacher with rectified flow",
+        description="Rectified-flow training of the toy teacher. Writes config.yaml, metrics.jsonl, "
+        "intermediate EMA checkpoints and teacher.safetensors into run_dir.",
+    )
+    add_config_args(p, required=True)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    setup_threads(cfg)
+    pretrain(cfg)
+    return 0
 
 
 def flow_matching_loss(model, x0: torch.Tensor, prompts: list[str], s: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -1,22 +1,9 @@
-"""Config schema (dataclass tree) and a strict YAML loader.
-
-YAML holds values only; the dataclasses are the schema. Unknown keys and wrong types are errors that
-name the dotted key. `--set a.b=value` overrides are parsed as YAML scalars.
-"""
+"""The config schema: a tree of dataclasses with their defaults (`tdm_r1.config.load` reads YAML into it)."""
 
 from __future__ import annotations
 
-import dataclasses
-import re
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
-
-import yaml
-
-_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+from typing import Any, Literal
 
 
 class ConfigError(ValueError):
@@ -25,7 +12,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class WorldConfig:
-    name: Literal["ocr"] = "ocr"
+    # A registered world (tdm_r1.worlds.BUILTIN_WORLDS) or an import path "module:factory" of one built from this
+    # section; the fields below are the OCR world's, `options` holds another world's own settings.
+    name: str = "ocr"
     height: int = 16
     width: int = 64
     channels: Literal[1, 3] = 1
@@ -49,6 +38,7 @@ class WorldConfig:
     # (all its ink rows, at a uniform position inside the word), as unreadable text in web-scale training data.
     blot_prob: float = 0.0
     blot_frac: float = 0.5
+    options: dict[str, Any] = field(default_factory=dict)  # a world other than ocr: its own settings
 
 
 @dataclass
@@ -85,26 +75,18 @@ class PretrainConfig:
 
 @dataclass
 class SampleConfig:
+    """The teacher's many-step sampler: the teacher baseline row of a train run (`teacher_32nfe_cfg`) and the defaults
+    of `tdm-r1 sample` / `tdm-r1 eval`. The few-step generator's schedule is `tdm.steps` / `tdm.shift`."""
+
     shift: float = 3.0  # shift(u) = k u / (1 + (k - 1) u)
     nfe: int = 32
     cfg: float = 3.0
     solver: Literal["euler", "dpmpp2m"] = "euler"
-    eta: float = 0.0  # stochastic re-noising; ablation only
-
-
-@dataclass
-class RewardConfig:
-    name: Literal["ocr"] = "ocr"
-    upscale: int = 3  # integer upscaling before OCR
-    pad: int = 16  # white margin around each image, in upscaled pixels
-    tile_columns: int = 4  # images per canvas row when tiling
-    tile_rows: int = 16  # canvas rows; one OCR call per tile_columns * tile_rows images
-    threads: int = 0  # onnxruntime intra-op threads; 0 = library default
 
 
 @dataclass
 class EvalConfig:
-    n_train: int = 256  # train-split words evaluated (a fixed, seeded subset)
+    train_subset: int = 256  # train-split items evaluated (a fixed subset, seeded by eval.seed); held-out: all
     batch_size: int = 128
     seed: int = 1234
     # Eval seeds (seed, seed + 1, ...) of each row of a train run's summary. One seed's 256 samples move a mean by
@@ -115,7 +97,7 @@ class EvalConfig:
     # Seeds of the teacher's many-step CFG row (2 x sample.nfe forwards per sample: 8-16x the cost of a 4-NFE row,
     # and 0.04+ away from the rows compared); None = seeds.
     reference_seeds: int | None = None
-    # Also evaluate the starting and the final generator on the eval.n_train train-split words (summary rows
+    # Also evaluate the starting and the final generator on the eval.train_subset train-split items (summary rows
     # tdm_4nfe_train / tdm_r1_4nfe_train and gain_4nfe_train): what the run did on the prompts it trains on, beside
     # what carried over to held-out ones.
     train_rows: bool = False
@@ -238,6 +220,8 @@ class RewardTermConfig:
     path: str = ""
     device: str = "auto"  # where a model-based reward runs: auto (this rank's CUDA device, else CPU), cpu, cuda
     batch_size: int = 32  # images per forward of a model-based reward
+    # The reward's own settings, checked by its module (e.g. ocr: upscale, pad, tile_columns, tile_rows, threads).
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -328,7 +312,6 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     roles: RolesConfig = field(default_factory=RolesConfig)
     tdm: TDMConfig = field(default_factory=TDMConfig)
@@ -340,149 +323,9 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
+DIFFUSERS_KINDS = ("sd3", "zimage")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {type(value).__name__}")
-        return _build(tp, value, key)
-    if origin is Literal:
-        allowed = get_args(tp)
-        if value not in allowed or type(value) is not type(allowed[0]):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        return value
-    if origin in (Union, types.UnionType):
-        errors = []
-        for arg in get_args(tp):
-            if arg is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        (item_tp,) = get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {type(value).__name__}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
-    if tp is float:
-        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
-            return float(value)  # PyYAML reads exponents without a dot ("1e-3") as strings
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected bool, got {type(value).__name__} {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected str, got {type(value).__name__} {value!r}")
-        return value
-    if tp is Any:
-        return value
-    raise ConfigError(f"{key}: unsupported schema type {tp!r}")
-
-
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            raise ConfigError(f"unknown config key '{key}'; valid keys here: {', '.join(names)}")
-        kwargs[k] = _coerce(v, hints[k], key)
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(data: dict, cls: type = Config) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"config root must be a mapping, got {type(data).__name__}")
-    return _build(cls, data)
-
-
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = data
-    for p in parts[:-1]:
-        child = node.setdefault(p, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise ConfigError(f"--set expects key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"--set expects key=value, got {text!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from e
-    return key, value
-
-
-def _deep_merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def load_config(
-    path: str | Path | None, overrides: list[str] | None = None, cls: type = Config, base: dict | None = None
-) -> Any:
-    """Load YAML at `path` (or defaults when None) on top of `base`, apply `key=value` overrides,
-    validate strictly."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
-        if loaded is not None:
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"config file {p}: top level must be a mapping")
-            data = loaded
-    data = _deep_merge(base or {}, data)
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _set_dotted(data, key, value)
-    return from_dict(data, cls)
-
-
-def save_config(cfg: Any, path: str | Path) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+def is_diffusers(cfg: Config) -> bool:
+    """model.kind names a diffusers model (prompt files, a diffusers folder) rather than the toy model."""
+    return cfg.model.kind in DIFFUSERS_KINDS

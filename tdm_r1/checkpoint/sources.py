@@ -1,5 +1,6 @@
-"""What a training run is built from, for the toy model and diffusers models alike: its world (the toy world, or
-prompt files), the frozen teacher, the teacher's identity (checked on resume and export) and the starting generator.
+"""Where a run's models come from, for the toy model and diffusers models alike: the frozen teacher, the starting
+generator (or fake score), and their identities by content (stored in training states, checked on resume and export;
+keys of the baselines cache).
 
 model.kind tiny_dit reads `world:` and the `roles.teacher` checkpoint; sd3 / zimage read `prompts:` and the local
 diffusers folder `diffusers.path`, which is the teacher / reference (loaded in full before any partitioning: diffusers'
@@ -16,24 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from tdm_r1 import checkpoint as ckpt
-from tdm_r1.config import Config, ConfigError, to_dict
-
-DIFFUSERS_KINDS = ("sd3", "zimage")
-
-
-def is_diffusers(cfg: Config) -> bool:
-    return cfg.model.kind in DIFFUSERS_KINDS
-
-
-def build_run_world(cfg: Config, need_text: bool = False):
-    """The toy OCR world, or the prompt world of a diffusers model (need_text: prompts must quote their text)."""
-    if is_diffusers(cfg):
-        from tdm_r1.worlds.prompts import build_prompt_world
-
-        return build_prompt_world(cfg.prompts, cfg.diffusers, need_text)
-    from tdm_r1.worlds.ocr import build_world
-
-    return build_world(cfg.world)
+from tdm_r1.config import Config, ConfigError, is_diffusers, to_dict
 
 
 def load_run_teacher(cfg: Config) -> nn.Module:

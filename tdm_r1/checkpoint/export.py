@@ -1,4 +1,5 @@
-"""`tdm-r1 export`: one role of a training state as a model checkpoint that `tdm-r1 eval` loads.
+"""Exports: a run's result (the EMA generator after `train`, the student and its fake score after `distill`), and one
+role of a training state as a model checkpoint that `tdm-r1 eval` loads (`tdm-r1 export`).
 
 A training state is one file (single-process run) or a directory with one file per rank (distributed run); the
 ranks' ZeRO-3 partitions are stitched back together here, without DeepSpeed or a launcher. A role's weights are the
@@ -13,7 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from tdm_r1 import checkpoint as ckpt
-from tdm_r1.config import Config, RolesConfig, from_dict
+from tdm_r1.checkpoint.pipeline import export_diffusers_pipeline
+from tdm_r1.checkpoint.sources import file_sha256, folder_fingerprint, load_teacher
+from tdm_r1.config import Config, RolesConfig, from_dict, is_diffusers
+from tdm_r1.distributed import LOCAL, Dist, full_state, gathered, is_partitioned
 from tdm_r1.roles import Roles, build_roles
 
 ROLES = ("generator_ema", "generator", "fake", "surrogate", "slow_surrogate")
@@ -27,8 +31,6 @@ def _merged(roles_cfg: RolesConfig, teacher: nn.Module, adapter: dict[str, Tenso
 def role_weights(roles: Roles, role: str, teacher: nn.Module, roles_cfg: RolesConfig) -> dict[str, Tensor]:
     """Plain weights of one role, on every rank. Collective when the roles are ZeRO-3 partitioned: each tensor is
     gathered in turn, so no rank holds more than one role whole."""
-    from tdm_r1.distributed import full_state, gathered, is_partitioned
-
     r = getattr(roles, role)
     if not any(is_partitioned(p) for p in r.parameters()):
         return roles.export(role)
@@ -43,8 +45,6 @@ def role_weights(roles: Roles, role: str, teacher: nn.Module, roles_cfg: RolesCo
 def role_tensors(roles: Roles, role: str) -> dict[str, Tensor]:
     """The tensors that define one role, on every rank: lora mode its adapter tensors (keys without the adapter
     name), full mode its module's weights. Collective when partitioned (gathered one role at a time)."""
-    from tdm_r1.distributed import gathered
-
     if roles.mode == "full":
         return role_weights(roles, role, None, None)
     with gathered(getattr(roles, role).parameters()):
@@ -63,8 +63,6 @@ def read_role_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict]:
 def export_checkpoint(path: str | Path, role: str, out: str | Path, lora: str = "merge") -> Path:
     """Write `role` of the training state at `path` (a run directory: its newest state) as a model checkpoint, or for
     a diffusers model (model.kind sd3 / zimage) as a diffusers pipeline folder (`export_pipeline`)."""
-    from tdm_r1.build import file_sha256, load_teacher
-
     path = Path(path)
     if path.is_dir() and not ckpt.is_sharded(path):
         states = ckpt.list_train_states(path)
@@ -78,7 +76,7 @@ def export_checkpoint(path: str | Path, role: str, out: str | Path, lora: str = 
     if not own:
         have = sorted({k.split("/")[0] for k in tensors})
         raise ckpt.CheckpointError(f"{path} has no role {role!r}; it has {', '.join(have)}")
-    if cfg.model.kind in ("sd3", "zimage"):
+    if is_diffusers(cfg):
         return export_pipeline(cfg, info, path, role, own, out, lora)
     if cfg.roles.mode == "full":
         weights = own
@@ -100,8 +98,6 @@ def export_pipeline(
     """A role of a diffusers run as a standalone diffusers pipeline folder: the run's source folder (diffusers.path,
     which must be the one it was trained against) with the role's transformer; in lora mode the adapter merged into
     it (lora="merge") or kept beside it as pytorch_lora_weights.safetensors (lora="adapter")."""
-    from tdm_r1.build import folder_fingerprint
-    from tdm_r1.models.export import export_diffusers_pipeline
     from tdm_r1.models.load import load_diffusers_model
 
     if lora not in ("merge", "adapter"):
@@ -124,3 +120,66 @@ def export_pipeline(
         steps=cfg.tdm.steps,
         shift=cfg.tdm.shift,
     )
+
+
+# -- a run's results -------------------------------------------------------------------------------------
+
+
+def export_generator(cfg: Config, roles: Roles, teacher, epoch: int, minutes: float, dist: Dist = LOCAL) -> Path:
+    """`train`'s result: generator.safetensors from the EMA generator, or for a diffusers model the pipeline folder
+    (`export_run_pipeline`). Collective when the roles are partitioned (gathered first)."""
+    info = {
+        "kind": "tdm_r1",
+        "epoch": epoch,
+        "nfe": cfg.tdm.steps,
+        "shift": cfg.tdm.shift,
+        "minutes": minutes,
+        "teacher": cfg.roles.teacher,
+        "generator_init": cfg.roles.generator_init,
+    }
+    if is_diffusers(cfg):
+        return export_run_pipeline(cfg, roles, dist)
+    out = Path(cfg.run_dir) / "generator.safetensors"
+    weights = role_weights(roles, "generator_ema", teacher, cfg.roles)
+    if dist.is_main:
+        ckpt.save_model(out, weights, cfg.model, cfg.world, **info)
+    return out
+
+
+def export_run_pipeline(cfg: Config, roles: Roles, dist: Dist = LOCAL) -> Path:
+    """<run_dir>/pipeline: the EMA generator as a diffusers pipeline folder (LoRA merged; the unchanged text encoders,
+    tokenizers and VAE symlinked to diffusers.path: `tdm-r1 export` writes a standalone copy). Collective when the
+    roles are partitioned (each tensor is gathered in turn)."""
+    tensors = role_tensors(roles, "generator_ema")
+    out = Path(cfg.run_dir) / "pipeline"
+    if dist.is_main:
+        base = roles.host.model if roles.host is not None else roles.reference.module
+        export_diffusers_pipeline(
+            base,
+            tensors,
+            out,
+            merge_lora=True,
+            lora_alpha=cfg.roles.lora_alpha,
+            steps=cfg.tdm.steps,
+            shift=cfg.tdm.shift,
+            overwrite=True,
+            link_unchanged=True,
+        )
+    return out
+
+
+def export_student(cfg: Config, roles: Roles, step: int, minutes: float) -> Path:
+    """`distill`'s result: student.safetensors (the EMA generator) and its fake score (for TDM-R1's roles.fake_init),
+    in lora mode also both adapters (for roles.generator_init / fake_init)."""
+    run = Path(cfg.run_dir)
+    info = {"kind": "student", "step": step, "nfe": cfg.tdm.steps, "shift": cfg.tdm.shift, "minutes": minutes}
+    info |= {"teacher": cfg.roles.teacher, "roles_mode": cfg.roles.mode}
+    out = run / "student.safetensors"
+    ckpt.save_model(out, roles.export("generator_ema"), cfg.model, cfg.world, **info)
+    fake_info = info | {"kind": "student_fake"}
+    if cfg.roles.mode == "lora":
+        ckpt.save_adapter(run / "student_adapter.safetensors", roles.adapter_tensors("generator_ema"), cfg, **info)
+        ckpt.save_adapter(run / "student_fake_adapter.safetensors", roles.adapter_tensors("fake"), cfg, **fake_info)
+    else:
+        ckpt.save_model(run / "student_fake.safetensors", roles.export("fake"), cfg.model, cfg.world, **fake_info)
+    return out

@@ -1,0 +1,87 @@
+"""Arguments and config loading that several commands take."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from tdm_r1.config import Config, is_diffusers, load_config, to_dict
+
+
+def add_config_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--config", required=required, help="YAML config (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by dotted key, e.g. --set pretrain.steps=100 (repeatable)",
+    )
+
+
+def add_resume_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from a training-state checkpoint (default: the newest one under run_dir/checkpoints)",
+    )
+
+
+def setup_threads(cfg: Config) -> None:
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+
+
+def config_from_teacher(args: argparse.Namespace) -> Config:
+    """The teacher checkpoint's model and world are the defaults; the YAML and --set override them. A diffusers model
+    (model.kind sd3 / zimage) has no teacher checkpoint: its config is the YAML and --set alone."""
+    from tdm_r1.checkpoint import read_model
+
+    first = load_config(args.config, args.overrides)
+    if is_diffusers(first):
+        return first
+    _, model_cfg, world_cfg, _ = read_model(first.roles.teacher)
+    return load_config(args.config, args.overrides, base={"model": to_dict(model_cfg), "world": to_dict(world_cfg)})
+
+
+# -- eval / sample: a model checkpoint and the sampler settings ------------------------------------------------
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors)")
+    add_config_args(p, required=False)
+    p.add_argument("--nfe", type=int, default=None, help="sampler steps (default: sample.nfe)")
+    p.add_argument("--cfg", type=float, default=None, help="CFG scale; 1 disables CFG (default: sample.cfg)")
+    p.add_argument("--shift", type=float, default=None, help="timestep shift k (default: sample.shift)")
+    p.add_argument("--solver", choices=["euler", "dpmpp2m"], default=None, help="default: sample.solver")
+
+
+def sampling_settings(args: argparse.Namespace, cfg: Config) -> tuple[int, float, float, str]:
+    """(nfe, CFG scale, shift, solver): the command line's, else the config's `sample:` section."""
+    s = cfg.sample
+    pick = lambda given, default: default if given is None else given
+    return pick(args.nfe, s.nfe), pick(args.cfg, s.cfg), pick(args.shift, s.shift), pick(args.solver, s.solver)
+
+
+def load_checkpoint_run(args: argparse.Namespace):
+    """(model, world, config, info) of a model checkpoint: config = the checkpoint's world, then --config, then
+    --set."""
+    from tdm_r1.checkpoint import load_model
+    from tdm_r1.worlds import build_world
+
+    model, world_cfg, info = load_model(args.checkpoint)
+    cfg = load_config(args.config, args.overrides, base={"world": to_dict(world_cfg)})
+    setup_threads(cfg)
+    return model, build_world(cfg.world), cfg, info
+
+
+def read_prompt_items(path: str, world) -> list[str]:
+    """The items of a word file (one per line, the world's alphabet)."""
+    from tdm_r1.worlds.ocr import read_words
+
+    return read_words(path, world.cfg.alphabet, world.cfg.max_word_len)

@@ -1,0 +1,114 @@
+"""`tdm-r1 distill`: TDM (trajectory distribution matching), teacher -> K-step student.
+
+Each step (`tdm_r1.phases.distill_step`): roll the generator out from pure noise (deterministic K-step Euler, no CFG),
+draw M step indices j, and for each j
+  fake:      x0_hat, x_next from the rollout at x_{s_j}; tau in (s_{j+1}, 1]; x_tau = renoise(x_next);
+             loss (x_tau - x0_hat)/tau vs v_fake(x_tau), + fake_reg * (v_real - v_fake)^2
+  generator: v = v_gen(x_{s_j}) with grad; x_next re-noised to a fresh tau; revised-x0 KL + CFG losses
+             against the teacher (cond / uncond) and the fake score at x_tau.
+Gradients of the M indices accumulate; then one AdamW step per role and the generator EMA update.
+The reward term is off: this is DESIGN section 5 with w_tdm applied to CFG and KL only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from tdm_r1 import distributed
+from tdm_r1.checkpoint.export import export_student
+from tdm_r1.checkpoint.resume import resolve_resume, resume_run_state, save_run_state, truncate_log
+from tdm_r1.commands.common import add_config_args, add_resume_arg, config_from_teacher, setup_threads
+from tdm_r1.config import Config, ConfigError, save_config
+from tdm_r1.evaluate import eval_items, eval_reward, evaluate
+from tdm_r1.phases import distill_step
+from tdm_r1.report import JsonlLogger, save_grid
+from tdm_r1.run import Run, build_run, trainable_counts
+
+DESCRIPTION = (
+    "Trajectory distribution matching (teacher -> K-step student). Writes config.yaml, metrics.jsonl, "
+    "training-state checkpoints, student.safetensors (EMA generator, loadable by `tdm-r1 eval`), eval_student.json "
+    "and summary.json into run_dir."
+)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("distill", help="TDM: distil the teacher into a few-step student", description=DESCRIPTION)
+    add_config_args(p, required=True)
+    add_resume_arg(p)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    if distributed.launched_world_size() > 1:
+        raise ConfigError("distill runs in one process; `deepspeed` / `torchrun` launches are for `train`")
+    cfg = config_from_teacher(args)
+    if cfg.model.kind != "tiny_dit":
+        raise ConfigError(
+            f"distill runs on the toy model only (model.kind tiny_dit), not {cfg.model.kind}; `train` takes diffusers "
+            "models, starting the generator from the folder itself or from roles.generator_init"
+        )
+    setup_threads(cfg)
+    distill(cfg, resume=args.resume)
+    return 0
+
+
+def evaluate_student(run: Run, state: dict) -> dict:
+    """Held-out OCR of the EMA generator at K steps, no CFG (the reward is built once, into `state`)."""
+    cfg = run.cfg
+    items = eval_items(run.world, "heldout", cfg.eval)
+    reward = eval_reward(cfg, run.world, state)
+    result, state["images"] = evaluate(
+        run.roles.generator_ema, run.world, reward, items, cfg.tdm.steps, 1.0, cfg.tdm.shift, cfg.eval
+    )
+    return result
+
+
+def distill(cfg: Config, resume: str | None = None) -> dict:
+    """Run TDM distillation; returns the summary written to <run_dir>/summary.json."""
+    from tqdm import tqdm
+
+    dcfg = cfg.distill
+    run = build_run(cfg, "distill")
+    progress = run.progress
+    if resume is not None:
+        path = resolve_resume(resume, run.path)
+        resume_run_state(path, cfg, progress, run.roles, run.opts, run.teacher_sha, "distill", run.dist)
+        truncate_log(run.path / "metrics.jsonl", progress.step)
+        print(f"distill: resumed from {path} at step {progress.step}")
+    run.path.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run.path / "config.yaml")
+    log = JsonlLogger(run.path / "metrics.jsonl")
+    print(
+        f"distill: {cfg.roles.mode} roles, trainable {trainable_counts(run.roles)}, {dcfg.steps} steps at batch "
+        f"{dcfg.batch_size} -> {run.path}"
+    )
+    eval_state: dict = {}
+    t_start = time.time()
+    bar = tqdm(range(progress.step + 1, dcfg.steps + 1), desc="distill", dynamic_ncols=True)
+    for step in bar:
+        t0 = time.time()
+        rec = distill_step(run.roles, run.opts, run.world, progress.stream, cfg, progress.gen)
+        progress.step = step
+        rec |= {"step": step, "seconds_step": round(time.time() - t0, 3)}
+        if dcfg.eval_every > 0 and step % dcfg.eval_every == 0 and step != dcfg.steps:
+            ev = evaluate_student(run, eval_state)
+            rec |= {"eval_ocr_mean": ev["ocr_mean"], "eval_ocr_exact": ev["ocr_exact"]}
+        if step % dcfg.log_every == 0 or step == dcfg.steps or "eval_ocr_mean" in rec:
+            log.log(rec)
+        bar.set_postfix(gen=f"{rec['loss_gen']:.3f}", fake=f"{rec['loss_fake']:.3f}")
+        if (dcfg.checkpoint_every > 0 and step % dcfg.checkpoint_every == 0) or step == dcfg.steps:
+            save_run_state(cfg, progress, run.roles, run.opts, run.teacher_sha, "distill")
+    log.close()
+    minutes = round((time.time() - t_start) / 60, 2)
+    student = export_student(cfg, run.roles, progress.step, minutes)
+    summary = {"student": str(student), "steps": progress.step, "minutes": minutes}
+    if dcfg.eval_at_end:
+        ev = evaluate_student(run, eval_state)
+        (run.path / "eval_student.json").write_text(json.dumps(ev, indent=2) + "\n")
+        save_grid(eval_state["images"][:64], run.path / "eval_student.png", cols=8)
+        summary["student_heldout"] = ev
+    (run.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"distill: wrote {student} after {minutes:.1f} min; summary {json.dumps(summary)}")
+    return summary

@@ -1,0 +1,51 @@
+"""Config: the schema (a dataclass tree, `schema.py`) and its strict YAML loader with --set overrides (`load.py`).
+Everything else imports both from here."""
+
+from tdm_r1.config.load import from_dict, load_config, migrate, parse_override, save_config, to_dict
+from tdm_r1.config.schema import (
+    DIFFUSERS_KINDS,
+    Config,
+    ConfigError,
+    DiffusersConfig,
+    DistillConfig,
+    DistributedConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+    PretrainConfig,
+    PromptsConfig,
+    RewardTermConfig,
+    RolesConfig,
+    SampleConfig,
+    TDMConfig,
+    TrainConfig,
+    WorldConfig,
+    is_diffusers,
+)
+
+__all__ = [
+    "DIFFUSERS_KINDS",
+    "Config",
+    "ConfigError",
+    "DiffusersConfig",
+    "DistillConfig",
+    "DistributedConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PretrainConfig",
+    "PromptsConfig",
+    "RewardTermConfig",
+    "RolesConfig",
+    "SampleConfig",
+    "TDMConfig",
+    "TrainConfig",
+    "WorldConfig",
+    "from_dict",
+    "is_diffusers",
+    "load_config",
+    "migrate",
+    "parse_override",
+    "save_config",
+    "to_dict",
+]

@@ -1,0 +1,200 @@
+"""The phases the commands loop over (DESIGN section 5).
+
+`train`, one TDM-R1 epoch: rollout (grouped, deterministic K-step) -> rewards (non-differentiable, off the training
+thread) -> group advantages -> per stored micro-batch and M drawn step indices: fake score -> surrogate reward (group
+preference loss with PPO and reference gates) -> generator (KL + CFG-as-reward + learned reward) -> one optimizer step
+per role per epoch -> generator EMA, slow surrogate.
+
+`distill`, one TDM step: a fresh rollout of the generator, then for M drawn step indices the fake score and the
+generator (KL + CFG, no reward term) -> one optimizer step per role -> generator EMA.
+
+The surrogate is a denoiser whose likelihood ratio to the reference is the learned reward: no reward head, no reward
+gradient. No denoising loss ever touches the generator (except in the `direct_rl` ablation, which exists to show why).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from tdm_r1.advantages import group_advantages
+from tdm_r1.config import Config, TDMConfig, TrainConfig
+from tdm_r1.distributed import LOCAL, Dist, Split
+from tdm_r1.optim import optimizer_step, update_shadow
+from tdm_r1.rewards.base import RewardFailureError
+from tdm_r1.rewards.scorer import RewardScorer
+from tdm_r1.roles import Roles
+from tdm_r1.sampling import Trajectory, rollout
+from tdm_r1.updates import (
+    Batch,
+    draw_surrogate_step,
+    fake_score_backward,
+    fill_samples,
+    generator_backward,
+    surrogate_backward,
+)
+from tdm_r1.worlds.stream import PromptStream
+
+# -- 1. rollout + 2. rewards ----------------------------------------------------------------------------
+
+
+def rollout_phase(
+    roles: Roles,
+    world,
+    stream: PromptStream,
+    scorer: RewardScorer,
+    tc: TrainConfig,
+    tdm: TDMConfig,
+    gen: torch.Generator,
+    split: Split | None = None,
+) -> Batch:
+    """P prompts x G samples through the generator's K-step sampler; rewards scored chunk by chunk. With `split`,
+    this rank rolls out its rows of each micro-batch; the prompts and noise are drawn for all of them."""
+    n = tc.prompts_per_epoch * tc.group_size
+    split = split or Split(n, tc.micro_batch_groups * tc.group_size, tc.group_size)
+    items = stream.next(tc.prompts_per_epoch)
+    items_rep = split.take_list([w for w in items for _ in range(tc.group_size)])
+    prompts, targets = [world.prompt(w) for w in items_rep], world.targets(items_rep)
+    group_ids = split.take(torch.arange(len(items)).repeat_interleave(tc.group_size))
+    cond = roles.generator.encode_prompts(prompts)
+    device = next(iter(cond.fields.values())).device
+    noise = split.take(torch.randn((n, *roles.generator.latent_shape(world.height, world.width)), generator=gen))
+    noise = noise.to(device)
+    trajs, futures = [], []
+    for sl, _ in split.micro_batches():
+        t = rollout(roles.generator, cond[sl], noise[sl], steps=tdm.steps, shift=tdm.shift, eta=tc.eta, generator=gen)
+        trajs.append(t)
+        futures.append(scorer.submit(roles.generator.decode(t.sample), prompts[sl], targets[sl]))
+    traj = Trajectory(torch.cat([t.xs for t in trajs], 1), trajs[0].s, torch.cat([t.v for t in trajs], 1))
+    rewards = torch.cat([f.result() for f in futures])
+    return Batch(items_rep, prompts, cond, traj, group_ids, rewards, torch.zeros_like(rewards), split=split)
+
+
+# -- 3. advantages --------------------------------------------------------------------------------------
+
+
+def advantage_phase(batch: Batch, tc: TrainConfig, dist: Dist = LOCAL) -> dict[str, float]:
+    """Group advantages over the whole epoch: every rank gathers all rewards, so its advantages are exactly the
+    single-process ones."""
+    rewards = dist.gather_rows(batch.rewards, batch.split)
+    failed = int(torch.isnan(rewards).sum())
+    rate = failed / rewards.numel()
+    if rate > tc.max_reward_failure:
+        raise RewardFailureError(
+            f"{failed} of {rewards.numel()} samples could not be scored ({rate:.0%} > "
+            f"train.max_reward_failure={tc.max_reward_failure:.0%})"
+        )
+    adv = group_advantages(rewards, dist.gather_rows(batch.group_ids, batch.split), tc.adv_eps, tc.adv_clip)
+    batch.adv = batch.split.take(adv)
+    ok = ~torch.isnan(rewards)
+    r = rewards[ok]
+    return {
+        "reward_mean": float(r.mean()) if ok.any() else math.nan,
+        "reward_std": float(r.std(unbiased=False)) if ok.sum() > 1 else 0.0,
+        "reward_exact": float((r == 1.0).float().mean()) if ok.any() else math.nan,
+        "reward_failed": failed,
+        "adv_abs_mean": float(adv.abs().mean()),
+    }
+
+
+# -- 4. the update loop over stored micro-batches -------------------------------------------------------
+
+
+def draw_steps(k_steps: int, m: int, gen: torch.Generator) -> list[int]:
+    """M step indices j uniform in 0..K-1 (with replacement), in the order drawn."""
+    return torch.randint(0, k_steps, (m,), generator=gen).tolist()
+
+
+def micro_batches(batch: Batch) -> list[Batch]:
+    """Whole prompt groups per global micro-batch, so each group's preference score is complete (its partial sums
+    are all-reduced when the micro-batch spans ranks)."""
+    return [batch.select(rows, shard) for rows, shard in batch.split.micro_batches()]
+
+
+def update_phase(
+    roles: Roles,
+    opts: dict,
+    batch: Batch,
+    tc: TrainConfig,
+    tdm: TDMConfig,
+    cfg: Config,
+    epoch: int,
+    gen: torch.Generator,
+    dist: Dist = LOCAL,
+) -> dict[str, float]:
+    """fake -> surrogate -> generator for every micro-batch and M drawn steps; gradients accumulate
+    into `tc.optimizer_steps_per_epoch` optimizer steps per role. Returns means over all ranks' samples."""
+
+    mbs = micro_batches(batch)
+    n_steps = max(1, min(tc.optimizer_steps_per_epoch, len(mbs)))
+    bounds = [round(i * len(mbs) / n_steps) for i in range(n_steps + 1)]
+    sums: dict[str, float] = {}
+    count = 0
+    slow_decay = min(tc.slow_decay_max, tc.slow_decay_base + tc.slow_decay_rate * epoch)
+    for step in range(n_steps):
+        chunk = mbs[bounds[step] : bounds[step + 1]]
+        scale = 1.0 / (len(chunk) * tdm.steps_per_batch)
+        for mb in chunk:
+            for j in draw_steps(tdm.steps, tdm.steps_per_batch, gen):
+                if step > 0:  # the generator moved since the rollout: its stored output is stale
+                    with torch.no_grad():
+                        mb.traj.v[j] = roles.generator.velocity(
+                            mb.traj.xs[j], fill_samples(float(mb.traj.s[j]), mb.traj.xs[j]), mb.cond
+                        )
+                parts = fake_score_backward(roles.fake, roles.reference, mb.cond, mb.traj, j, tdm, gen, scale, mb.shard)
+                k = draw_surrogate_step(tdm.steps, gen)
+                parts |= surrogate_backward(roles, mb, k, tc, tdm, gen, scale, dist)
+                parts |= generator_backward(roles, mb, j, tc, tdm, gen, scale)
+                for key, v in parts.items():
+                    sums[key] = sums.get(key, 0.0) + v
+                count += 1
+        trainable = roles.trainable()
+        for role in ("fake", "surrogate", "generator"):
+            norm = optimizer_step(opts[role], trainable[role], cfg.optim.grad_clip)
+            sums[f"grad_norm_{role}"] = sums.get(f"grad_norm_{role}", 0.0) + norm * count / n_steps
+        update_shadow(roles, "generator_ema", cfg.optim.generator_ema_decay)
+        update_shadow(roles, "slow_surrogate", slow_decay)
+    out = dist.mean_metrics({k: v / count for k, v in sums.items()})
+    out["slow_decay"] = slow_decay
+    return out
+
+
+# -- distill: one TDM step ------------------------------------------------------------------------------
+
+
+def _distill_rollout(roles: Roles, world, stream: PromptStream, n: int, tdm: TDMConfig, gen: torch.Generator) -> Batch:
+    prompts = [world.prompt(w) for w in stream.next(n)]
+    cond = roles.generator.encode_prompts(prompts)
+    noise = torch.randn((n, *roles.generator.latent_shape(world.height, world.width)), generator=gen)
+    return Batch.of_rollout(prompts, cond, rollout(roles.generator, cond, noise, steps=tdm.steps, shift=tdm.shift))
+
+
+def distill_step(
+    roles: Roles, opts: dict, world, stream: PromptStream, cfg: Config, gen: torch.Generator
+) -> dict[str, float]:
+    """One generator optimizer step (preceded by distill.fake_updates - 1 fake-only steps, each on a fresh rollout).
+    The drawn step indices are visited in trajectory order (sorted), as the shipped students were made."""
+    tdm, dcfg, ocfg = cfg.tdm, cfg.distill, cfg.optim
+    fake_params = roles.trainable()["fake"]
+    for _ in range(dcfg.fake_updates - 1):
+        b = _distill_rollout(roles, world, stream, dcfg.batch_size, tdm, gen)
+        for j in sorted(draw_steps(tdm.steps, tdm.steps_per_batch, gen)):
+            fake_score_backward(roles.fake, roles.reference, b.cond, b.traj, j, tdm, gen, 1.0 / tdm.steps_per_batch)
+        optimizer_step(opts["fake"], fake_params, ocfg.grad_clip)
+    b = _distill_rollout(roles, world, stream, dcfg.batch_size, tdm, gen)
+    js = sorted(draw_steps(tdm.steps, tdm.steps_per_batch, gen))
+    rec: dict[str, float] = {}
+    scale = 1.0 / len(js)
+    for j in js:
+        parts = fake_score_backward(roles.fake, roles.reference, b.cond, b.traj, j, tdm, gen, scale)
+        parts |= generator_backward(roles, b, j, None, tdm, gen, scale)
+        for k, v in parts.items():
+            rec[k] = rec.get(k, 0.0) + v * scale
+    rec["grad_norm_fake"] = optimizer_step(opts["fake"], fake_params, ocfg.grad_clip)
+    rec["grad_norm_generator"] = optimizer_step(opts["generator"], roles.trainable()["generator"], ocfg.grad_clip)
+    update_shadow(roles, "generator_ema", ocfg.generator_ema_decay)
+    rec["j_mean"] = float(np.mean(js))
+    rec["sample_std"] = float(b.traj.sample.std())
+    return rec

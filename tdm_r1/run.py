@@ -1,0 +1,137 @@
+"""What a run is built from, in one place for the commands, tools, benchmarks and tests: `build_run(cfg)` gives the
+world, the teacher and its identity, the roles and their optimizers (DeepSpeed engines under a distributed launch),
+the run's progress (data stream and random stream) and this rank's share of an epoch; plus the run directory's
+lifecycle (archiving an earlier run's outputs, the seconds already logged by a resumed run).
+
+model.kind tiny_dit reads `world:` and the `roles.teacher` checkpoint; sd3 / zimage read `prompts:` and the local
+diffusers folder `diffusers.path`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tdm_r1 import distributed
+from tdm_r1.checkpoint import sources
+from tdm_r1.checkpoint.resume import Progress
+from tdm_r1.config import Config, is_diffusers
+from tdm_r1.distributed import LOCAL, Dist, Split
+from tdm_r1.distributed.engines import wrap_roles
+from tdm_r1.optim import build_optimizers
+from tdm_r1.roles import Roles, build_roles
+from tdm_r1.worlds.base import World
+from tdm_r1.worlds.stream import PromptStream
+
+
+@dataclass
+class Run:
+    cfg: Config
+    dist: Dist
+    split: Split | None  # train: this rank's rows of each epoch's P x G samples
+    world: World
+    teacher: nn.Module | None  # the toy teacher (None for diffusers models: every role holds its own copy)
+    teacher_sha: str  # the teacher's identity, stored in training states
+    roles: Roles
+    opts: dict  # per-role optimizers, or DeepSpeed engines
+    progress: Progress
+
+    @property
+    def path(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+
+def build_world(cfg: Config, need_text: bool = False) -> World:
+    """The toy world `world.name` names, or the prompt world of a diffusers model (need_text: prompts must quote their
+    text)."""
+    if is_diffusers(cfg):
+        from tdm_r1.worlds.prompts import build_prompt_world
+
+        return build_prompt_world(cfg.prompts, cfg.diffusers, need_text)
+    from tdm_r1 import worlds
+
+    return worlds.build_world(cfg.world)
+
+
+def build_run(cfg: Config, command: str = "train", dist: Dist | None = None) -> Run:
+    """Everything `command` ("train": generator, fake score, surrogate, slow surrogate; "distill": generator and fake
+    score) trains with, seeded by cfg.seed. `dist` defaults to the launch's (`distributed.init`: one process unless
+    started by `deepspeed` / `torchrun`)."""
+    dist = dist or (distributed.init(cfg.distributed, cfg.optim) if command == "train" else LOCAL)
+    split = (
+        distributed.epoch_split(cfg.train, dist, cfg.distributed.micro_batch_per_gpu) if command == "train" else None
+    )
+    torch.manual_seed(cfg.seed)
+    world = build_world(cfg, need_text=command == "train" and any(r.name == "ocr" for r in cfg.train.rewards))
+    teacher = sources.load_run_teacher(cfg)
+    teacher_sha = sources.teacher_id(cfg)
+    generator_init = sources.load_run_generator_init(cfg, teacher)
+    roles = build_roles(
+        cfg.roles,
+        teacher,
+        surrogate=command == "train",
+        fake=True,
+        generator_init=generator_init,
+        place=dist.place,
+        fake_init=sources.load_run_generator_init(cfg, teacher, field="fake_init") if command == "train" else None,
+    )
+    if is_diffusers(cfg):  # every role holds its own copy (or the shared base); export reads only the folder
+        teacher = None
+    opts = wrap_roles(roles, cfg.optim, dist) if dist.deepspeed else build_optimizers(roles, cfg.optim)
+    progress = Progress(0, PromptStream(world.items("train"), cfg.seed), torch.Generator().manual_seed(cfg.seed))
+    return Run(cfg, dist, split, world, teacher, teacher_sha, roles, opts, progress)
+
+
+def trainable_counts(roles: Roles) -> dict[str, int]:
+    """Trainable parameters per role (whole counts, also when ZeRO-3 partitions them)."""
+    return {k: sum(getattr(p, "ds_numel", p.numel()) for p in v) for k, v in roles.trainable().items()}
+
+
+# -- the run directory ---------------------------------------------------------------------------------------
+
+# What a run writes into run_dir (baselines.json is a cache keyed by what it measured and stays).
+RUN_OUTPUTS = (
+    "metrics.jsonl",
+    "summary.json",
+    "report.md",
+    "reward_curve.png",
+    "samples_start.png",
+    "samples_end.png",
+    "samples_start.safetensors",
+    "samples_start_end.png",
+    "generator.safetensors",
+    "pipeline",
+    "checkpoints",
+    "tensorboard",
+    "config.yaml",
+)
+
+
+def archive_previous_run(run: str | Path) -> Path | None:
+    """A fresh (not resumed) run in a directory that holds an earlier run's outputs: move them into
+    run_dir/previous_<n>/ so nothing written is lost and the new metrics, curve and checkpoints are not mixed with
+    the old ones. Returns the archive directory, or None when there was nothing to move."""
+    run = Path(run)
+    found = [run / name for name in RUN_OUTPUTS if (run / name).exists()]
+    if not any(p.name in ("metrics.jsonl", "checkpoints") for p in found):
+        return None
+    n = 1
+    while (run / f"previous_{n}").exists():
+        n += 1
+    dest = run / f"previous_{n}"
+    dest.mkdir()
+    for p in found:
+        p.rename(dest / p.name)
+    return dest
+
+
+def logged_seconds(path: str | Path) -> float:
+    """Seconds of the epochs in a run's metrics.jsonl (rollout + update + eval phases of each record)."""
+    if not Path(path).is_file():
+        return 0.0
+    records = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    return sum(r.get(k, 0.0) for r in records for k in ("sec_rollout_reward", "sec_update", "sec_eval"))
