@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv native demo demo-run ablations default default-ablations layout layout-ablations test lint bench teacher \
+.PHONY: venv native demo demo-run ablations default default-ablations layout layout-ablations test lint bench bench-train teacher \
 	student layout-teacher layout-student blot-teacher blot-student clean
 
 venv: $(STAMP)
@@ -79,6 +79,10 @@ lint: venv
 bench: venv native
 	$(BIN)/python benchmarks/bench_ocr.py
 	$(BIN)/python benchmarks/bench_kernels.py
+
+# The trainer's phases on the demo config, reference loop vs fused (docs/benchmarks.md): benchmarks/results/train_*.
+bench-train: venv native
+	$(BIN)/tdm-r1 bench --config configs/toy_ocr_blot_r1.yaml --epochs 2 --warmup 1
 
 teacher: venv
 	$(BIN)/tdm-r1 pretrain --config configs/toy_ocr_teacher.yaml

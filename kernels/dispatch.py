@@ -8,6 +8,7 @@ float64 tensors always take the reference (the fused kernels compute in fp32), a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from ._common import HAS_TRITON, interpreting
 
-__all__ = ["BACKENDS", "load_native", "native_available", "native_library_path", "resolve_backend", "reset"]
+__all__ = ["BACKENDS", "load_native", "native_available", "native_library_path", "resolve_backend", "reset", "using"]
 
 BACKENDS = ("reference", "native", "triton")
 ENV_BACKEND = "TDM_R1_KERNELS"
@@ -27,6 +28,7 @@ logger = logging.getLogger("tdm_r1_kernels")
 
 _native_state: dict[str, object] = {}
 _chosen: dict[str, str] = {}
+_forced: list[str] = []  # the innermost `using` block's backend
 
 
 def native_library_path() -> Path | None:
@@ -94,6 +96,9 @@ def resolve_backend(device: torch.device, backend: str | None = None, dtype: tor
             raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS}")
         _check_usable(backend, device)
         return backend
+    if _forced:
+        _check_usable(_forced[-1], device)
+        return _forced[-1]
     if dtype == torch.float64:
         if "float64" not in _chosen:
             _chosen["float64"] = "reference"
@@ -112,6 +117,22 @@ def resolve_backend(device: torch.device, backend: str | None = None, dtype: tor
     _chosen[device.type] = choice
     logger.info("kernels: %s tensors use the %s backend (%s)", device.type, choice, reason)
     return choice
+
+
+@contextlib.contextmanager
+def using(backend: str | None):
+    """Within the block every op without an explicit backend runs on `backend` (None: the usual per-device choice);
+    e.g. a benchmark alternating the reference and the fused ops in one process."""
+    if backend is None:
+        yield
+        return
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; expected one of {BACKENDS}")
+    _forced.append(backend)
+    try:
+        yield
+    finally:
+        _forced.pop()
 
 
 def reset() -> None:

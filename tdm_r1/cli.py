@@ -14,7 +14,7 @@ from tdm_r1.config import ConfigError
 from tdm_r1.rewards.base import RewardFailureError
 from tdm_r1.worlds.ocr import PromptFileError
 
-COMMANDS = ("pretrain", "distill", "train", "export", "report", "sample", "eval")
+COMMANDS = ("pretrain", "distill", "train", "export", "report", "sample", "eval", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

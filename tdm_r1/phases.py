@@ -22,11 +22,13 @@ import torch
 from tdm_r1.advantages import group_advantages
 from tdm_r1.config import Config, TDMConfig, TrainConfig
 from tdm_r1.distributed import LOCAL, Dist, Split
+from tdm_r1.models.base import Cond
 from tdm_r1.optim import optimizer_step, update_shadow
 from tdm_r1.rewards.base import RewardFailureError
 from tdm_r1.rewards.scorer import RewardScorer
 from tdm_r1.roles import Roles
 from tdm_r1.sampling import Trajectory, rollout
+from tdm_r1.timing import phase
 from tdm_r1.updates import (
     Batch,
     draw_surrogate_step,
@@ -49,26 +51,38 @@ def rollout_phase(
     tdm: TDMConfig,
     gen: torch.Generator,
     split: Split | None = None,
+    encode_once: bool = True,
 ) -> Batch:
-    """P prompts x G samples through the generator's K-step sampler; rewards scored chunk by chunk. With `split`,
-    this rank rolls out its rows of each micro-batch; the prompts and noise are drawn for all of them."""
+    """P prompts x G samples through the generator's K-step sampler; rewards scored chunk by chunk on the scorer's
+    thread while the next chunk samples. With `split`, this rank rolls out its rows of each micro-batch; the prompts
+    and noise are drawn for all of them."""
     n = tc.prompts_per_epoch * tc.group_size
     split = split or Split(n, tc.micro_batch_groups * tc.group_size, tc.group_size)
     items = stream.next(tc.prompts_per_epoch)
     items_rep = split.take_list([w for w in items for _ in range(tc.group_size)])
     prompts, targets = [world.prompt(w) for w in items_rep], world.targets(items_rep)
     group_ids = split.take(torch.arange(len(items)).repeat_interleave(tc.group_size))
-    cond = roles.generator.encode_prompts(prompts)
+    with phase("encode"):
+        if encode_once:
+            cond = roles.generator.encode_prompts(prompts)
+        else:  # per micro-batch, as the reference loop does
+            cond = Cond.cat([roles.generator.encode_prompts(prompts[sl]) for sl, _ in split.micro_batches()])
     device = next(iter(cond.fields.values())).device
     noise = split.take(torch.randn((n, *roles.generator.latent_shape(world.height, world.width)), generator=gen))
     noise = noise.to(device)
     trajs, futures = [], []
     for sl, _ in split.micro_batches():
-        t = rollout(roles.generator, cond[sl], noise[sl], steps=tdm.steps, shift=tdm.shift, eta=tc.eta, generator=gen)
+        with phase("rollout"):
+            t = rollout(
+                roles.generator, cond[sl], noise[sl], steps=tdm.steps, shift=tdm.shift, eta=tc.eta, generator=gen
+            )
         trajs.append(t)
-        futures.append(scorer.submit(roles.generator.decode(t.sample), prompts[sl], targets[sl]))
+        with phase("decode"):
+            images = roles.generator.decode(t.sample)
+        futures.append(scorer.submit(images, prompts[sl], targets[sl]))
     traj = Trajectory(torch.cat([t.xs for t in trajs], 1), trajs[0].s, torch.cat([t.v for t in trajs], 1))
-    rewards = torch.cat([f.result() for f in futures])
+    with phase("reward_wait"):  # what the scorer's thread did not finish behind the sampling
+        rewards = torch.cat([f.result() for f in futures])
     return Batch(items_rep, prompts, cond, traj, group_ids, rewards, torch.zeros_like(rewards), split=split)
 
 
@@ -78,6 +92,11 @@ def rollout_phase(
 def advantage_phase(batch: Batch, tc: TrainConfig, dist: Dist = LOCAL) -> dict[str, float]:
     """Group advantages over the whole epoch: every rank gathers all rewards, so its advantages are exactly the
     single-process ones."""
+    with phase("advantages"):
+        return _advantages(batch, tc, dist)
+
+
+def _advantages(batch: Batch, tc: TrainConfig, dist: Dist) -> dict[str, float]:
     rewards = dist.gather_rows(batch.rewards, batch.split)
     failed = int(torch.isnan(rewards).sum())
     rate = failed / rewards.numel()
@@ -137,25 +156,35 @@ def update_phase(
         chunk = mbs[bounds[step] : bounds[step + 1]]
         scale = 1.0 / (len(chunk) * tdm.steps_per_batch)
         for mb in chunk:
+            if not cfg.perf.encode_once:
+                with phase("encode"):
+                    mb.cond = roles.generator.encode_prompts(mb.prompts)
             for j in draw_steps(tdm.steps, tdm.steps_per_batch, gen):
-                if step > 0:  # the generator moved since the rollout: its stored output is stale
-                    with torch.no_grad():
+                # the generator moved since the rollout (its stored output is stale), or the loop recomputes anyway
+                if step > 0 or not cfg.perf.reuse_rollout_output:
+                    with phase("recompute"), torch.no_grad():
                         mb.traj.v[j] = roles.generator.velocity(
                             mb.traj.xs[j], fill_samples(float(mb.traj.s[j]), mb.traj.xs[j]), mb.cond
                         )
-                parts = fake_score_backward(roles.fake, roles.reference, mb.cond, mb.traj, j, tdm, gen, scale, mb.shard)
-                k = draw_surrogate_step(tdm.steps, gen)
-                parts |= surrogate_backward(roles, mb, k, tc, tdm, gen, scale, dist)
-                parts |= generator_backward(roles, mb, j, tc, tdm, gen, scale)
+                with phase("fake"):
+                    parts = fake_score_backward(
+                        roles.fake, roles.reference, mb.cond, mb.traj, j, tdm, gen, scale, mb.shard
+                    )
+                with phase("surrogate"):
+                    k = draw_surrogate_step(tdm.steps, gen)
+                    parts |= surrogate_backward(roles, mb, k, tc, tdm, gen, scale, dist)
+                with phase("generator"):
+                    parts |= generator_backward(roles, mb, j, tc, tdm, gen, scale)
                 for key, v in parts.items():
                     sums[key] = sums.get(key, 0.0) + v
                 count += 1
-        trainable = roles.trainable()
-        for role in ("fake", "surrogate", "generator"):
-            norm = optimizer_step(opts[role], trainable[role], cfg.optim.grad_clip)
-            sums[f"grad_norm_{role}"] = sums.get(f"grad_norm_{role}", 0.0) + norm * count / n_steps
-        update_shadow(roles, "generator_ema", cfg.optim.generator_ema_decay)
-        update_shadow(roles, "slow_surrogate", slow_decay)
+        with phase("optimizer"):
+            trainable = roles.trainable()
+            for role in ("fake", "surrogate", "generator"):
+                norm = optimizer_step(opts[role], trainable[role], cfg.optim.grad_clip)
+                sums[f"grad_norm_{role}"] = sums.get(f"grad_norm_{role}", 0.0) + norm * count / n_steps
+            update_shadow(roles, "generator_ema", cfg.optim.generator_ema_decay)
+            update_shadow(roles, "slow_surrogate", slow_decay)
     out = dist.mean_metrics({k: v / count for k, v in sums.items()})
     out["slow_decay"] = slow_decay
     return out

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from tdm_r1 import timing
 from tdm_r1.config import ConfigError, RolesConfig
 from tdm_r1.models.base import Cond
 
@@ -86,6 +87,9 @@ class Role:
     # Distributed runs: the callable (x, s, cond) -> v that runs this role's module through its DeepSpeed engine,
     # with .backward(loss) on trainable roles (tdm_r1.distributed.engines.wrap_roles). None: call the module directly.
     engine: Callable | None = field(default=None, repr=False)
+    # CFG pairs as two forwards (the reference loop structure) instead of one batched call; the same numbers up to
+    # float rounding (perf.cfg_batching).
+    separate_cfg: bool = False
 
     def _ctx(self):
         if self.host is None:
@@ -93,6 +97,7 @@ class Role:
         return self.host.use(self.adapter)
 
     def velocity(self, x: Tensor, s: Tensor, cond: Cond) -> Tensor:
+        timing.count_forward(x.shape[0], grad=torch.is_grad_enabled() and self.trainable)
         with self._ctx() as m:
             return m.velocity(x, s, cond) if self.engine is None else self.engine(x, s, cond)
 
@@ -104,7 +109,9 @@ class Role:
             self.engine.backward(loss)
 
     def velocity_cfg(self, x: Tensor, s: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
-        """(v_cond, v_uncond) in one batched call."""
+        """(v_cond, v_uncond) in one batched call (or two, separate_cfg)."""
+        if self.separate_cfg:
+            return self.velocity(x, s, cond), self.velocity(x, s, cond.uncond())
         v = self.velocity(torch.cat([x, x]), torch.cat([s, s]), Cond.cat([cond, cond.uncond()]))
         return v.chunk(2)
 

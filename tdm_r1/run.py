@@ -26,6 +26,7 @@ from tdm_r1.optim import build_optimizers
 from tdm_r1.roles import Roles, build_roles
 from tdm_r1.worlds.base import World
 from tdm_r1.worlds.stream import PromptStream
+from tdm_r1_kernels import dispatch
 
 
 @dataclass
@@ -43,6 +44,10 @@ class Run:
     @property
     def path(self) -> Path:
         return Path(self.cfg.run_dir)
+
+    def kernels(self):
+        """A context in which the fused ops run on perf.kernels (auto: the usual per-device choice)."""
+        return dispatch.using(None if self.cfg.perf.kernels == "auto" else self.cfg.perf.kernels)
 
 
 def build_world(cfg: Config, need_text: bool = False) -> World:
@@ -81,6 +86,8 @@ def build_run(cfg: Config, command: str = "train", dist: Dist | None = None) -> 
     )
     if is_diffusers(cfg):  # every role holds its own copy (or the shared base); export reads only the folder
         teacher = None
+    for role in roles.active().values():
+        role.separate_cfg = cfg.perf.cfg_batching == "separate"
     opts = wrap_roles(roles, cfg.optim, dist) if dist.deepspeed else build_optimizers(roles, cfg.optim)
     progress = Progress(0, PromptStream(world.items("train"), cfg.seed), torch.Generator().manual_seed(cfg.seed))
     return Run(cfg, dist, split, world, teacher, teacher_sha, roles, opts, progress)

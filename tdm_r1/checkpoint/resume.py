@@ -31,6 +31,7 @@ RESUMABLE_CHANGES = {
         "train.rewards.*.options.threads",
         "eval.",
         "distributed.",
+        "perf.",
     ),
     "distill": (
         "run_dir",
@@ -43,6 +44,7 @@ RESUMABLE_CHANGES = {
         "eval.",
         "train.rewards",
         "distributed.",
+        "perf.",
     ),
 }
 # The progress counter a command's states and logs are keyed by.

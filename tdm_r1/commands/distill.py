@@ -67,11 +67,16 @@ def evaluate_student(run: Run, state: dict) -> dict:
 
 def distill(cfg: Config, resume: str | None = None) -> dict:
     """Run TDM distillation; returns the summary written to <run_dir>/summary.json."""
+    run = build_run(cfg, "distill")
+    with run.kernels():
+        return distill_run(run, resume)
+
+
+def distill_run(run: Run, resume: str | None) -> dict:
+    """The run's steps, from its state (or `resume`) to distill.steps; then the student is exported and evaluated."""
     from tqdm import tqdm
 
-    dcfg = cfg.distill
-    run = build_run(cfg, "distill")
-    progress = run.progress
+    cfg, dcfg, progress = run.cfg, run.cfg.distill, run.progress
     if resume is not None:
         path = resolve_resume(resume, run.path)
         resume_run_state(path, cfg, progress, run.roles, run.opts, run.teacher_sha, "distill", run.dist)

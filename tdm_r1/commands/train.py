@@ -74,11 +74,17 @@ class Evals:
 def train(cfg: Config, resume: str | None = None) -> dict:
     """Run TDM-R1; returns the summary written to <run_dir>/summary.json. Under `deepspeed` / `torchrun` every rank
     runs this with its share of each epoch's samples; rank 0 writes the run directory."""
-    from tqdm import tqdm
-
     eval_seeds(cfg)  # a bad eval field fails now, not after the epochs
     run = build_run(cfg, "train")
-    dist, tc = run.dist, cfg.train
+    with run.kernels():
+        return train_run(run, resume)
+
+
+def train_run(run: Run, resume: str | None) -> dict:
+    """The run's epochs, from its state (or `resume`) to train.epochs, then `finish`."""
+    from tqdm import tqdm
+
+    cfg, dist, tc = run.cfg, run.dist, run.cfg.train
     prior_seconds = open_run_dir(run, resume)
     scorer = build_scorer(cfg)
     ev = start_evals(run, scorer)
@@ -157,7 +163,9 @@ def run_epoch(run: Run, scorer: RewardScorer, ev: Evals, epoch: int) -> dict:
     rec: dict = {"epoch": epoch}
     t0 = time.time()
     dist.check_same(progress.gen.get_state(), "the shared random stream")
-    batch = rollout_phase(run.roles, run.world, progress.stream, scorer, tc, cfg.tdm, progress.gen, run.split)
+    batch = rollout_phase(
+        run.roles, run.world, progress.stream, scorer, tc, cfg.tdm, progress.gen, run.split, cfg.perf.encode_once
+    )
     t1 = time.time()
     try:
         rec |= advantage_phase(batch, tc, dist)

@@ -304,6 +304,19 @@ class DistributedConfig:
 
 
 @dataclass
+class PerfConfig:
+    """How the trainer computes, not what: every setting trains the same model up to float rounding. The defaults are
+    the fast loop; `tdm-r1 bench` times them against the reference loop structure (its `reference` path)."""
+
+    kernels: Literal["auto", "reference", "native", "triton"] = "auto"  # auto: triton on CUDA, native on CPU if built
+    cfg_batching: Literal["batched", "separate"] = "batched"  # a CFG pair as one batched forward, or two forwards
+    # The fake score takes the generator output stored by the rollout while the generator has not moved since;
+    # False recomputes it at every drawn step (the reference loop).
+    reuse_rollout_output: bool = True
+    encode_once: bool = True  # prompts encoded once per epoch; False: per rollout and per update micro-batch
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -321,6 +334,7 @@ class Config:
     diffusers: DiffusersConfig = field(default_factory=DiffusersConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
 
 DIFFUSERS_KINDS = ("sd3", "zimage")

@@ -3,11 +3,13 @@ toy run is evaluated with (OCR)."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 
+from tdm_r1 import timing
 from tdm_r1.config import Config, RewardTermConfig
 from tdm_r1.rewards.base import Reward, build_reward, score_images
 
@@ -27,7 +29,14 @@ class RewardScorer:
         return total
 
     def submit(self, images: Tensor, prompts: list[str], targets: list[dict]) -> Future:
-        return self.pool.submit(self, images.detach().cpu(), list(prompts), list(targets))
+        return self.pool.submit(self._timed, images.detach().cpu(), list(prompts), list(targets))
+
+    def _timed(self, images: Tensor, prompts: list[str], targets: list[dict]) -> Tensor:
+        t0 = time.perf_counter()
+        try:
+            return self(images, prompts, targets)
+        finally:
+            timing.background("reward", time.perf_counter() - t0)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
