@@ -273,7 +273,7 @@ def plot_phases(result: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(result["paths"])
-    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.6 * len(names)))
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.5 * len(names)))
     left = [0.0] * len(names)
     colors = plt.get_cmap("tab20").colors
     for i, ph in enumerate(PHASES):
@@ -281,7 +281,7 @@ def plot_phases(result: dict, path) -> None:
         ax.barh(names, vals, left=left, color=colors[i % len(colors)], label=ph)
         left = [a + b for a, b in zip(left, vals)]
     ax.set_xlabel("seconds per epoch")
-    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.05 * len(names)))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

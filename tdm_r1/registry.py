@@ -6,21 +6,23 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+from tdm_r1.config import ConfigError
+
 
 def resolve(name: str, builtins: dict[str, str], registered: dict[str, Callable], what: str) -> Callable:
-    """The factory of a name registered at run time, a built-in name or an import path; a ValueError saying what was
+    """The factory of a name registered at run time, a built-in name or an import path; a ConfigError saying what was
     tried otherwise (`what`: "reward", "world")."""
     if name in registered:
         return registered[name]
     path = builtins.get(name, name if ":" in name else None)
     if path is None:
         known = ", ".join(sorted({*builtins, *registered}))
-        raise ValueError(f"unknown {what} {name!r}; registered: {known}; or an import path 'package.module:factory'")
+        raise ConfigError(f"unknown {what} {name!r}; registered: {known}; or an import path 'package.module:factory'")
     module, _, attr = path.partition(":")
     try:
         factory = getattr(importlib.import_module(module), attr, None)
     except ImportError as e:
-        raise ValueError(f"{what} {name!r}: cannot import {module!r}: {e}") from e
+        raise ConfigError(f"{what} {name!r}: cannot import {module!r}: {e}") from e
     if not callable(factory):
-        raise ValueError(f"{what} {name!r}: {module!r} has no callable {attr!r}")
+        raise ConfigError(f"{what} {name!r}: {module!r} has no callable {attr!r}")
     return factory

@@ -9,7 +9,14 @@ diffusers folder `diffusers.path`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +25,9 @@ from torch import nn
 
 from tdm_r1 import distributed
 from tdm_r1.checkpoint import sources
-from tdm_r1.checkpoint.resume import Progress
-from tdm_r1.config import Config, is_diffusers
+from tdm_r1.checkpoint.resume import Progress, read_log
+from tdm_r1.config import Config, ConfigError, is_diffusers
+from tdm_r1.config.validate import validate
 from tdm_r1.distributed import LOCAL, Dist, Split
 from tdm_r1.distributed.engines import wrap_roles
 from tdm_r1.optim import build_optimizers
@@ -66,12 +74,14 @@ def build_run(cfg: Config, command: str = "train", dist: Dist | None = None) -> 
     """Everything `command` ("train": generator, fake score, surrogate, slow surrogate; "distill": generator and fake
     score) trains with, seeded by cfg.seed. `dist` defaults to the launch's (`distributed.init`: one process unless
     started by `deepspeed` / `torchrun`)."""
+    validate(cfg, command)
     dist = dist or (distributed.init(cfg.distributed, cfg.optim) if command == "train" else LOCAL)
     split = (
         distributed.epoch_split(cfg.train, dist, cfg.distributed.micro_batch_per_gpu) if command == "train" else None
     )
     torch.manual_seed(cfg.seed)
     world = build_world(cfg, need_text=command == "train" and any(r.name == "ocr" for r in cfg.train.rewards))
+    check_prompt_lengths(cfg, world)
     teacher = sources.load_run_teacher(cfg)
     teacher_sha = sources.teacher_id(cfg)
     generator_init = sources.load_run_generator_init(cfg, teacher)
@@ -93,6 +103,21 @@ def build_run(cfg: Config, command: str = "train", dist: Dist | None = None) -> 
     return Run(cfg, dist, split, world, teacher, teacher_sha, roles, opts, progress)
 
 
+def check_prompt_lengths(cfg: Config, world: World) -> None:
+    """The toy model reads at most model.text_len characters of a prompt: a longer one is a ConfigError now, not a
+    traceback in the middle of an epoch."""
+    if is_diffusers(cfg):
+        return
+    for split in ("train", "heldout"):
+        for item in world.items(split):
+            prompt = world.prompt(item)
+            if len(prompt) > cfg.model.text_len:
+                raise ConfigError(
+                    f"{split} item {item[:40]!r}: its prompt has {len(prompt)} characters, more than "
+                    f"model.text_len={cfg.model.text_len} (shorten the item or world.prompt_template)"
+                )
+
+
 def trainable_counts(roles: Roles) -> dict[str, int]:
     """Trainable parameters per role (whole counts, also when ZeRO-3 partitions them)."""
     return {k: sum(getattr(p, "ds_numel", p.numel()) for p in v) for k, v in roles.trainable().items()}
@@ -100,7 +125,7 @@ def trainable_counts(roles: Roles) -> dict[str, int]:
 
 # -- the run directory ---------------------------------------------------------------------------------------
 
-# What a run writes into run_dir (baselines.json is a cache keyed by what it measured and stays).
+# What the commands write into run_dir (baselines.json is a cache keyed by what it measured and stays).
 RUN_OUTPUTS = (
     "metrics.jsonl",
     "summary.json",
@@ -112,10 +137,66 @@ RUN_OUTPUTS = (
     "samples_start_end.png",
     "generator.safetensors",
     "pipeline",
+    "student.safetensors",
+    "student_fake.safetensors",
+    "student_adapter.safetensors",
+    "student_fake_adapter.safetensors",
+    "eval_student.json",
+    "eval_student.png",
+    "teacher.safetensors",
     "checkpoints",
     "tensorboard",
     "config.yaml",
 )
+LOCK_FILE = ".lock"
+
+
+class RunDirBusyError(ConfigError):
+    """Another live process holds the run directory."""
+
+
+@contextlib.contextmanager
+def run_dir_lock(run: str | Path, holder: bool = True) -> Iterator[None]:
+    """Hold run_dir exclusively while the block runs (holder=False: a rank that is not rank 0 takes no lock). The lock
+    is an flock on run_dir/.lock, released by the kernel when the process dies, so a dead run's lock never blocks; the
+    file names the holder (pid, host, start) for the error another process gets."""
+    if not holder:
+        yield
+        return
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            busy = f"{run} is in use by {_holder(path)}; wait for it to finish or choose another run_dir"
+            raise RunDirBusyError(busy) from None
+        os.ftruncate(fd, 0)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text())
+        return f"pid {info['pid']} on host {info['host']} (since {info['started']})"
+    except (OSError, ValueError, KeyError):
+        return "another process"
+
+
+def open_run_dir(run: str | Path, fresh: bool, command: str) -> Path | None:
+    """With the lock held: remove what interrupted writes left (temporary files), and for a fresh (not resumed) run
+    archive an earlier run's outputs. Returns the archive directory, if one was made."""
+    run = Path(run)
+    for tmp in [*run.glob(".*.tmp-*"), *run.glob("checkpoints/.*.tmp-*"), *run.glob("checkpoints/*.tmp")]:
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        print(f"{command}: removed {tmp}, left by an interrupted write")
+    return archive_previous_run(run) if fresh else None
 
 
 def archive_previous_run(run: str | Path) -> Path | None:
@@ -138,7 +219,5 @@ def archive_previous_run(run: str | Path) -> Path | None:
 
 def logged_seconds(path: str | Path) -> float:
     """Seconds of the epochs in a run's metrics.jsonl (rollout + update + eval phases of each record)."""
-    if not Path(path).is_file():
-        return 0.0
-    records = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
-    return sum(r.get(k, 0.0) for r in records for k in ("sec_rollout_reward", "sec_update", "sec_eval"))
+    keys = ("sec_rollout_reward", "sec_update", "sec_eval")
+    return sum(r.get(k, 0.0) for r in read_log(path) for k in keys)

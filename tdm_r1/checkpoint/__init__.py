@@ -83,6 +83,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     from tdm_r1.models.tiny_dit import build_tiny_dit
 
     state, model_cfg, world_cfg, info = read_model(path)
+    if model_cfg.kind != "tiny_dit":
+        raise CheckpointError(
+            f"{path}: its metadata says model.kind {model_cfg.kind!r}; a tdm-r1 model checkpoint holds the toy model "
+            "(a diffusers run exports a pipeline folder)"
+        )
     model = build_tiny_dit(model_cfg, world_cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -159,11 +159,31 @@ def check_resume_info(
 
 
 def truncate_log(path: Path, step: int, key: str = "step") -> None:
-    """Drop records logged after the resumed step (a run stopped after its last checkpoint)."""
+    """Drop records logged after the resumed step (a run stopped after its last checkpoint), and a torn last line;
+    the lines kept are kept byte for byte."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get(key, 0) <= step]
+    lines = [x for x in path.read_text().splitlines() if x.strip()]
+    records = read_log(path)  # a torn last line is the one record fewer
+    keep = [ln for ln, r in zip(lines, records) if r.get(key, 0) <= step]
     path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl; a torn last line (a write cut short by a crash) is dropped, any other bad line
+    is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = [x for x in path.read_text().splitlines() if x.strip()]
+    records = []
+    for i, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError as e:
+            if i < len(lines):
+                raise ckpt.CheckpointError(f"{path}:{i}: not a JSON record ({e}); the log is damaged") from e
+    return records
 
 
 # -- one save / resume path for single-process and sharded (ZeRO) runs -----------------------------------------

@@ -24,7 +24,7 @@ from tdm_r1.config import Config, ConfigError, save_config
 from tdm_r1.evaluate import eval_items, eval_reward, evaluate
 from tdm_r1.phases import distill_step
 from tdm_r1.report import JsonlLogger, save_grid
-from tdm_r1.run import Run, build_run, trainable_counts
+from tdm_r1.run import Run, build_run, open_run_dir, run_dir_lock, trainable_counts
 
 DESCRIPTION = (
     "Trajectory distribution matching (teacher -> K-step student). Writes config.yaml, metrics.jsonl, "
@@ -67,8 +67,8 @@ def evaluate_student(run: Run, state: dict) -> dict:
 
 def distill(cfg: Config, resume: str | None = None) -> dict:
     """Run TDM distillation; returns the summary written to <run_dir>/summary.json."""
-    run = build_run(cfg, "distill")
-    with run.kernels():
+    run = build_run(cfg, "distill")  # every value range-checked, the teacher loaded, before any file is touched
+    with run_dir_lock(run.path), run.kernels():
         return distill_run(run, resume)
 
 
@@ -77,6 +77,8 @@ def distill_run(run: Run, resume: str | None) -> dict:
     from tqdm import tqdm
 
     cfg, dcfg, progress = run.cfg, run.cfg.distill, run.progress
+    if (moved := open_run_dir(run.path, fresh=resume is None, command="distill")) is not None:
+        print(f"distill: {run.path} held an earlier run; its files were moved to {moved}")
     if resume is not None:
         path = resolve_resume(resume, run.path)
         resume_run_state(path, cfg, progress, run.roles, run.opts, run.teacher_sha, "distill", run.dist)

@@ -18,8 +18,10 @@ from tqdm import tqdm
 from tdm_r1.checkpoint import read_model, save_model
 from tdm_r1.commands.common import add_config_args, setup_threads
 from tdm_r1.config import Config, ConfigError, load_config, save_config
+from tdm_r1.config.validate import validate
 from tdm_r1.models.tiny_dit import build_tiny_dit
 from tdm_r1.report import JsonlLogger
+from tdm_r1.run import check_prompt_lengths, open_run_dir, run_dir_lock
 from tdm_r1.worlds import build_world
 
 
@@ -66,16 +68,26 @@ def init_weights(path: str, cfg: Config) -> dict[str, torch.Tensor]:
 
 
 def pretrain(cfg: Config) -> Path:
+    """Train the teacher; returns <run_dir>/teacher.safetensors (an earlier run in run_dir is archived first)."""
+    validate(cfg, "pretrain")
+    world = build_world(cfg.world)  # the word lists read and checked before any file is touched
+    check_prompt_lengths(cfg, world)
+    init = init_weights(cfg.pretrain.init, cfg) if cfg.pretrain.init is not None else None
+    with run_dir_lock(cfg.run_dir):
+        if (moved := open_run_dir(cfg.run_dir, fresh=True, command="pretrain")) is not None:
+            print(f"pretrain: {cfg.run_dir} held an earlier run; its files were moved to {moved}")
+        return pretrain_run(cfg, world, init)
+
+
+def pretrain_run(cfg: Config, world, init: dict | None) -> Path:
     pc = cfg.pretrain
     run = Path(cfg.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "config.yaml")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    world = build_world(cfg.world)
     model = build_tiny_dit(cfg.model, cfg.world).train()
-    if pc.init is not None:
-        model.load_state_dict(init_weights(pc.init, cfg))
+    if init is not None:
+        model.load_state_dict(init)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=pc.lr, betas=(0.9, 0.99), weight_decay=pc.weight_decay)
     log = JsonlLogger(run / "metrics.jsonl")

@@ -33,7 +33,7 @@ from tdm_r1.phases import advantage_phase, rollout_phase, update_phase
 from tdm_r1.report import RunReporter, paired_gain
 from tdm_r1.rewards.base import RewardFailureError
 from tdm_r1.rewards.scorer import RewardScorer, build_scorer
-from tdm_r1.run import Run, archive_previous_run, build_run, logged_seconds, trainable_counts
+from tdm_r1.run import Run, build_run, logged_seconds, open_run_dir, run_dir_lock, trainable_counts
 
 DESCRIPTION = (
     "The TDM-R1 epoch: grouped rollouts, rewards, group advantages, then fake score, surrogate reward (group "
@@ -75,18 +75,21 @@ def train(cfg: Config, resume: str | None = None) -> dict:
     """Run TDM-R1; returns the summary written to <run_dir>/summary.json. Under `deepspeed` / `torchrun` every rank
     runs this with its share of each epoch's samples; rank 0 writes the run directory."""
     eval_seeds(cfg)  # a bad eval field fails now, not after the epochs
-    run = build_run(cfg, "train")
-    with run.kernels():
-        return train_run(run, resume)
+    run = build_run(cfg, "train")  # every value range-checked, the teacher and starting points loaded
+    scorer = build_scorer(cfg)  # every reward resolved and built, before any file of the run is touched
+    try:
+        with run_dir_lock(run.path, holder=run.dist.is_main), run.kernels():
+            return train_run(run, scorer, resume)
+    finally:
+        scorer.close()
 
 
-def train_run(run: Run, resume: str | None) -> dict:
+def train_run(run: Run, scorer: RewardScorer, resume: str | None) -> dict:
     """The run's epochs, from its state (or `resume`) to train.epochs, then `finish`."""
     from tqdm import tqdm
 
     cfg, dist, tc = run.cfg, run.dist, run.cfg.train
-    prior_seconds = open_run_dir(run, resume)
-    scorer = build_scorer(cfg)
+    prior_seconds = resume_or_start(run, resume)
     ev = start_evals(run, scorer)
     dist.print(
         f"train: {cfg.roles.mode} roles, trainable {trainable_counts(run.roles)}, {tc.epochs} epochs of "
@@ -95,24 +98,25 @@ def train_run(run: Run, resume: str | None) -> dict:
     t_start = time.time()
     epochs = range(run.progress.step + 1, tc.epochs + 1)
     bar = tqdm(epochs, desc="train", dynamic_ncols=True, disable=not dist.is_main)
-    try:
-        for epoch in bar:
-            rec = run_epoch(run, scorer, ev, epoch)
-            if ev.reporter is not None:
-                ev.reporter.log(rec, step=epoch)
-            bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", gen=f"{rec['loss_gen']:.3f}")
-            if (tc.checkpoint_every > 0 and epoch % tc.checkpoint_every == 0) or epoch == tc.epochs:
-                save_run_state(cfg, run.progress, run.roles, run.opts, run.teacher_sha, "train", dist)
-    finally:
-        scorer.close()
+    for epoch in bar:
+        rec = run_epoch(run, scorer, ev, epoch)
+        if ev.reporter is not None:
+            ev.reporter.log(rec, step=epoch)
+        bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", gen=f"{rec['loss_gen']:.3f}")
+        if (tc.checkpoint_every > 0 and epoch % tc.checkpoint_every == 0) or epoch == tc.epochs:
+            save_run_state(cfg, run.progress, run.roles, run.opts, run.teacher_sha, "train", dist)
+    scorer.close()  # the end-of-run evaluation scores on this thread
     minutes = round((dist.broadcast_object(prior_seconds) + time.time() - t_start) / 60, 2)
     return finish(run, ev, minutes)
 
 
-def open_run_dir(run: Run, resume: str | None) -> float:
+def resume_or_start(run: Run, resume: str | None) -> float:
     """Resume from a training state (returns the seconds the earlier processes logged), or start fresh (an earlier
-    run's outputs are archived first); then write config.yaml."""
+    run's outputs are archived first); leftovers of interrupted writes are removed; then config.yaml is written."""
     dist, prior_seconds = run.dist, 0.0
+    moved = open_run_dir(run.path, fresh=resume is None, command="train") if dist.is_main else None
+    if moved is not None:
+        dist.print(f"train: {run.path} held an earlier run; its files were moved to {moved}")
     if resume is not None:
         path = resolve_resume(resume, run.path)
         resume_run_state(path, run.cfg, run.progress, run.roles, run.opts, run.teacher_sha, "train", dist)
@@ -120,8 +124,6 @@ def open_run_dir(run: Run, resume: str | None) -> float:
             truncate_log(run.path / "metrics.jsonl", run.progress.step, key="epoch")
             prior_seconds = logged_seconds(run.path / "metrics.jsonl")
         dist.print(f"train: resumed from {path} at epoch {run.progress.step}")
-    elif dist.is_main and (moved := archive_previous_run(run.path)) is not None:
-        dist.print(f"train: {run.path} held an earlier run; its files were moved to {moved}")
     if dist.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
         save_config(run.cfg, run.path / "config.yaml")

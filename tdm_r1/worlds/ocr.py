@@ -154,14 +154,16 @@ def build_world(cfg: WorldConfig) -> OCRWorld:
             f"world.options: the ocr world's settings are world.* keys, got options {sorted(cfg.options)}"
         )
     if cfg.random_rgb and cfg.channels != 3:
-        raise ValueError("world.random_rgb needs world.channels: 3")
+        raise ConfigError("world.random_rgb needs world.channels: 3")
     if not 0.0 <= cfg.blot_prob <= 1.0:
-        raise ValueError(f"world.blot_prob must be in [0, 1], got {cfg.blot_prob}")
+        raise ConfigError(f"world.blot_prob must be in [0, 1], got {cfg.blot_prob}")
     if not 0.0 < cfg.blot_frac <= 1.0:
-        raise ValueError(f"world.blot_frac must be in (0, 1], got {cfg.blot_frac}")
+        raise ConfigError(f"world.blot_frac must be in (0, 1], got {cfg.blot_frac}")
     train = read_words(cfg.train_words, cfg.alphabet, cfg.max_word_len)
     heldout = read_words(cfg.heldout_words, cfg.alphabet, cfg.max_word_len)
     overlap = sorted(set(train) & set(heldout))
     if overlap:
-        raise ValueError(f"train and held-out word lists overlap in {len(overlap)} words, e.g. {overlap[:5]}")
+        raise PromptFileError(
+            f"world.train_words and world.heldout_words overlap in {len(overlap)} words, e.g. {overlap[:5]}"
+        )
     return OCRWorld(cfg, train, heldout)
