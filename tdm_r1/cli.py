@@ -11,7 +11,9 @@ import traceback
 from tdm_r1 import distributed
 from tdm_r1.checkpoint import CheckpointError
 from tdm_r1.config import ConfigError
+from tdm_r1.optim import NonFiniteError
 from tdm_r1.rewards.base import RewardFailureError
+from tdm_r1.run import RunStopped
 from tdm_r1.worlds.ocr import PromptFileError
 
 COMMANDS = ("pretrain", "distill", "train", "export", "report", "sample", "eval", "bench")
@@ -34,9 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (ConfigError, CheckpointError, PromptFileError, RewardFailureError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, CheckpointError, PromptFileError, RewardFailureError, NonFiniteError, OSError) as e:
         print(f"tdm-r1 {args.command}: error: {e}", file=sys.stderr)
         code = 2
+    except RunStopped as e:  # SIGINT / SIGTERM: a state was written
+        print(str(e), file=sys.stderr)
+        code = 130
     except BaseException:
         if not distributed.launched():
             raise

@@ -98,6 +98,8 @@ def advantage_phase(batch: Batch, tc: TrainConfig, dist: Dist = LOCAL) -> dict[s
 
 def _advantages(batch: Batch, tc: TrainConfig, dist: Dist) -> dict[str, float]:
     rewards = dist.gather_rows(batch.rewards, batch.split)
+    rewards = torch.where(torch.isfinite(rewards), rewards, torch.nan)  # +-inf is a failure to judge, as NaN is
+    batch.rewards = batch.split.take(rewards)
     failed = int(torch.isnan(rewards).sum())
     rate = failed / rewards.numel()
     if rate > tc.max_reward_failure:
@@ -147,6 +149,8 @@ def update_phase(
     into `tc.optimizer_steps_per_epoch` optimizer steps per role. Returns means over all ranks' samples."""
 
     mbs = micro_batches(batch)
+    backwards_skipped = sum(r.skipped for r in roles.active().values())
+    steps_skipped = 0
     n_steps = max(1, min(tc.optimizer_steps_per_epoch, len(mbs)))
     bounds = [round(i * len(mbs) / n_steps) for i in range(n_steps + 1)]
     sums: dict[str, float] = {}
@@ -183,10 +187,15 @@ def update_phase(
             for role in ("fake", "surrogate", "generator"):
                 norm = optimizer_step(opts[role], trainable[role], cfg.optim.grad_clip)
                 sums[f"grad_norm_{role}"] = sums.get(f"grad_norm_{role}", 0.0) + norm * count / n_steps
+                steps_skipped += not math.isfinite(norm)
             update_shadow(roles, "generator_ema", cfg.optim.generator_ema_decay)
             update_shadow(roles, "slow_surrogate", slow_decay)
     out = dist.mean_metrics({k: v / count for k, v in sums.items()})
     out["slow_decay"] = slow_decay
+    # non-finite losses (backward skipped) and gradient norms (optimizer step skipped): counted, never applied
+    skipped = steps_skipped + sum(r.skipped for r in roles.active().values()) - backwards_skipped
+    if skipped:
+        out["nonfinite_skipped"] = skipped
     return out
 
 

@@ -90,6 +90,7 @@ class Role:
     # CFG pairs as two forwards (the reference loop structure) instead of one batched call; the same numbers up to
     # float rounding (perf.cfg_batching).
     separate_cfg: bool = False
+    skipped: int = 0  # backwards skipped because their loss was not finite
 
     def _ctx(self):
         if self.host is None:
@@ -102,8 +103,12 @@ class Role:
             return m.velocity(x, s, cond) if self.engine is None else self.engine(x, s, cond)
 
     def backward(self, loss: Tensor) -> None:
-        """loss.backward(), or the engine's backward, which also reduces the gradients across ranks."""
+        """loss.backward(), or the engine's backward, which also reduces the gradients across ranks. In one process a
+        non-finite loss is skipped (counted in `skipped`): its gradients would make the role's weights non-finite."""
         if self.engine is None:
+            if not bool(torch.isfinite(loss.detach()).all()):
+                self.skipped += 1
+                return
             loss.backward()
         else:
             self.engine.backward(loss)

@@ -14,7 +14,9 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -149,6 +151,39 @@ RUN_OUTPUTS = (
     "config.yaml",
 )
 LOCK_FILE = ".lock"
+
+
+class RunStopped(Exception):
+    """A run stopped on SIGINT / SIGTERM after writing a training state; the message says how to resume."""
+
+
+class StopRequests:
+    """While active, SIGINT and SIGTERM ask the run to stop at the next boundary (an epoch or a step) instead of
+    killing it; a second signal aborts at once. `requested(dist)` agrees across ranks."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        print(f"\n{self.signal}: stopping after the current step, then writing a state (again to abort)", flush=True)
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def requested(self, dist: Dist = LOCAL) -> bool:
+        flag = torch.tensor(float(self.signal is not None))
+        return float(dist.all_reduce_sum(flag)) > 0
 
 
 class RunDirBusyError(ConfigError):

@@ -7,6 +7,7 @@ crash never leaves a half-written checkpoint under the final name and the previo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +23,20 @@ MODEL_FORMAT = "tdm_r1.model/1"
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, or not one of ours."""
+
+
+class CorruptStateError(CheckpointError):
+    """A training state cannot be read back as written: truncated, foreign, or its checksum does not match."""
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (in name order)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def atomic_write(path: str | Path, write_fn) -> None:
@@ -139,11 +154,12 @@ def save_train_state(path: str | Path, state: dict, info: dict | None = None) ->
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, "", tensors)
     meta = {"format": STATE_FORMAT, "state": json.dumps(skeleton), "info": json.dumps(info or {})}
+    meta["sha256"] = tensors_sha256(tensors)  # verified on every read: a flipped bit is refused, not trained on
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def read_train_state(path: str | Path) -> tuple[dict, dict]:
-    """Inverse of save_train_state -> (state, info); refuses truncated or foreign files with a clear error."""
+    """Inverse of save_train_state -> (state, info); refuses truncated, foreign or altered files (CorruptStateError)."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"training-state checkpoint not found: {p}")
@@ -151,7 +167,7 @@ def read_train_state(path: str | Path) -> tuple[dict, dict]:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != STATE_FORMAT:
-                raise CheckpointError(
+                raise CorruptStateError(
                     f"{p} is not a tdm-r1 training-state checkpoint "
                     f"(format {meta.get('format')!r}, expected {STATE_FORMAT!r})"
                 )
@@ -159,7 +175,9 @@ def read_train_state(path: str | Path) -> tuple[dict, dict]:
         skeleton = json.loads(meta["state"])
         info = json.loads(meta.get("info", "{}"))
     except (SafetensorError, OSError, RuntimeError, json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{p} is not a readable training-state checkpoint (truncated or corrupt?): {e}") from e
+        raise CorruptStateError(f"{p} is not a readable training-state checkpoint (truncated or corrupt?): {e}") from e
+    if "sha256" in meta and tensors_sha256(tensors) != meta["sha256"]:  # states written before checksums have none
+        raise CorruptStateError(f"{p}: its tensors do not match the checksum written with them (the file was altered)")
     return _unflatten(skeleton, tensors), info
 
 

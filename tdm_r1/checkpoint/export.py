@@ -18,6 +18,7 @@ from tdm_r1.checkpoint.pipeline import export_diffusers_pipeline
 from tdm_r1.checkpoint.sources import file_sha256, folder_fingerprint, load_teacher
 from tdm_r1.config import Config, RolesConfig, from_dict, is_diffusers
 from tdm_r1.distributed import LOCAL, Dist, full_state, gathered, is_partitioned
+from tdm_r1.optim import check_finite
 from tdm_r1.roles import Roles, build_roles
 
 ROLES = ("generator_ema", "generator", "fake", "surrogate", "slow_surrogate")
@@ -137,6 +138,7 @@ def export_generator(cfg: Config, roles: Roles, teacher, epoch: int, minutes: fl
         "teacher": cfg.roles.teacher,
         "generator_init": cfg.roles.generator_init,
     }
+    check_finite(roles, "train: export", dist)
     if is_diffusers(cfg):
         return export_run_pipeline(cfg, roles, dist)
     out = Path(cfg.run_dir) / "generator.safetensors"
@@ -171,6 +173,7 @@ def export_run_pipeline(cfg: Config, roles: Roles, dist: Dist = LOCAL) -> Path:
 def export_student(cfg: Config, roles: Roles, step: int, minutes: float) -> Path:
     """`distill`'s result: student.safetensors (the EMA generator) and its fake score (for TDM-R1's roles.fake_init),
     in lora mode also both adapters (for roles.generator_init / fake_init)."""
+    check_finite(roles, "distill: export")
     run = Path(cfg.run_dir)
     info = {"kind": "student", "step": step, "nfe": cfg.tdm.steps, "shift": cfg.tdm.shift, "minutes": minutes}
     info |= {"teacher": cfg.roles.teacher, "roles_mode": cfg.roles.mode}

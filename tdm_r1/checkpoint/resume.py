@@ -12,6 +12,7 @@ import torch
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.config import Config, from_dict, to_dict
 from tdm_r1.distributed import LOCAL, Dist
+from tdm_r1.optim import check_finite
 from tdm_r1.roles import Roles
 from tdm_r1.worlds.stream import PromptStream
 
@@ -113,14 +114,46 @@ def check_resume_config(saved: dict, current: dict, path: Path, resumable: tuple
         )
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path:
-    """'auto' -> the newest training state of run_dir (no silent fallback to an older one)."""
+def resume_from(resume: str, run_dir: Path, load, dist: Dist = LOCAL) -> Path:
+    """Resume with `load(path)` from the state `resume` names, or with 'auto' from the newest state of run_dir that
+    verifies: a state that cannot be read back as written (CorruptStateError) is skipped, saying which and why. A
+    distributed run does not fall back (its ranks would have to agree): it stops naming the state. Returns the path
+    loaded."""
     if resume != "auto":
-        return Path(resume)
+        path = Path(resume)
+        try:
+            load(path)
+        except ckpt.CorruptStateError as e:
+            raise ckpt.CorruptStateError(f"{e}{_verified_hint(path)}") from e
+        return path
     states = ckpt.list_train_states(run_dir)
     if not states:
         raise ckpt.CheckpointError(f"--resume: no training-state checkpoint under {run_dir / 'checkpoints'}")
-    return states[-1]
+    skipped = []
+    for path in reversed(states):
+        try:
+            load(path)
+        except ckpt.CorruptStateError as e:
+            if dist.deepspeed:
+                raise
+            skipped.append(path.name)
+            print(f"resume: skipped {path}: {e}")
+            continue
+        if skipped:
+            print(f"resume: {path.name} is the newest state that verifies (skipped {', '.join(skipped)})")
+        return path
+    raise ckpt.CorruptStateError(f"--resume: no training state under {run_dir / 'checkpoints'} verifies")
+
+
+def _verified_hint(path: Path) -> str:
+    """'; the previous state X verifies: --resume X' when an older state of the same run reads back as written."""
+    for older in reversed([p for p in ckpt.list_train_states(path.parent.parent) if p.name < path.name]):
+        try:
+            ckpt.read_train_state(ckpt.rank_file(older, 0) if ckpt.is_sharded(older) else older)
+        except ckpt.CheckpointError:
+            continue
+        return f"; the previous state {older} verifies: --resume {older}"
+    return ""
 
 
 def load_resume(
@@ -134,12 +167,7 @@ def load_resume(
     command: str,
     resumable: tuple[str, ...],
 ) -> None:
-    try:
-        state, info = ckpt.read_train_state(path)
-    except ckpt.CheckpointError as e:
-        older = [p for p in sorted(path.parent.glob(ckpt.STATE_GLOB)) if p != path]
-        hint = f"; the previous checkpoint {older[-1]} is intact: --resume {older[-1]}" if older else ""
-        raise ckpt.CheckpointError(f"{e}{hint}") from e
+    state, info = ckpt.read_train_state(path)  # CorruptStateError: the caller may fall back to an older state
     check_resume_info(path, info, cfg, teacher_sha, command, resumable)
     try:
         restore_state(state, progress, roles, opts)
@@ -193,7 +221,9 @@ def save_run_state(
     cfg: Config, progress: Progress, roles: Roles, opts: dict, teacher_sha: str, command: str, dist: Dist = LOCAL
 ) -> Path:
     """One training state of `command` ("train" / "distill"): a file, or in a distributed run a directory of per-rank
-    files (collective); then all but the newest `keep_checkpoints` are pruned."""
+    files (collective); then all but the newest `keep_checkpoints` are pruned. Non-finite weights are never written
+    (NonFiniteError: the previous state stays the newest)."""
+    check_finite(roles, f"{command}: training state at {STEP_KEY[command]} {progress.step}", dist)
     info = {"command": command, "config": to_dict(cfg), "teacher_sha256": teacher_sha, STEP_KEY[command]: progress.step}
     if dist.deepspeed:
         from tdm_r1.checkpoint.sharded import save_sharded_state

@@ -18,13 +18,13 @@ import time
 
 from tdm_r1 import distributed
 from tdm_r1.checkpoint.export import export_student
-from tdm_r1.checkpoint.resume import resolve_resume, resume_run_state, save_run_state, truncate_log
+from tdm_r1.checkpoint.resume import resume_from, resume_run_state, save_run_state, truncate_log
 from tdm_r1.commands.common import add_config_args, add_resume_arg, config_from_teacher, setup_threads
 from tdm_r1.config import Config, ConfigError, save_config
 from tdm_r1.evaluate import eval_items, eval_reward, evaluate
 from tdm_r1.phases import distill_step
 from tdm_r1.report import JsonlLogger, save_grid
-from tdm_r1.run import Run, build_run, open_run_dir, run_dir_lock, trainable_counts
+from tdm_r1.run import Run, RunStopped, StopRequests, build_run, open_run_dir, run_dir_lock, trainable_counts
 
 DESCRIPTION = (
     "Trajectory distribution matching (teacher -> K-step student). Writes config.yaml, metrics.jsonl, "
@@ -68,11 +68,11 @@ def evaluate_student(run: Run, state: dict) -> dict:
 def distill(cfg: Config, resume: str | None = None) -> dict:
     """Run TDM distillation; returns the summary written to <run_dir>/summary.json."""
     run = build_run(cfg, "distill")  # every value range-checked, the teacher loaded, before any file is touched
-    with run_dir_lock(run.path), run.kernels():
-        return distill_run(run, resume)
+    with run_dir_lock(run.path), run.kernels(), StopRequests() as stop:
+        return distill_run(run, resume, stop)
 
 
-def distill_run(run: Run, resume: str | None) -> dict:
+def distill_run(run: Run, resume: str | None, stop: StopRequests) -> dict:
     """The run's steps, from its state (or `resume`) to distill.steps; then the student is exported and evaluated."""
     from tqdm import tqdm
 
@@ -80,8 +80,11 @@ def distill_run(run: Run, resume: str | None) -> dict:
     if (moved := open_run_dir(run.path, fresh=resume is None, command="distill")) is not None:
         print(f"distill: {run.path} held an earlier run; its files were moved to {moved}")
     if resume is not None:
-        path = resolve_resume(resume, run.path)
-        resume_run_state(path, cfg, progress, run.roles, run.opts, run.teacher_sha, "distill", run.dist)
+
+        def load(path):
+            resume_run_state(path, cfg, progress, run.roles, run.opts, run.teacher_sha, "distill", run.dist)
+
+        path = resume_from(resume, run.path, load)
         truncate_log(run.path / "metrics.jsonl", progress.step)
         print(f"distill: resumed from {path} at step {progress.step}")
     run.path.mkdir(parents=True, exist_ok=True)
@@ -105,8 +108,14 @@ def distill_run(run: Run, resume: str | None) -> dict:
         if step % dcfg.log_every == 0 or step == dcfg.steps or "eval_ocr_mean" in rec:
             log.log(rec)
         bar.set_postfix(gen=f"{rec['loss_gen']:.3f}", fake=f"{rec['loss_fake']:.3f}")
-        if (dcfg.checkpoint_every > 0 and step % dcfg.checkpoint_every == 0) or step == dcfg.steps:
-            save_run_state(cfg, progress, run.roles, run.opts, run.teacher_sha, "distill")
+        stopping = stop.signal is not None
+        if (dcfg.checkpoint_every > 0 and step % dcfg.checkpoint_every == 0) or step == dcfg.steps or stopping:
+            path = save_run_state(cfg, progress, run.roles, run.opts, run.teacher_sha, "distill")
+        if stopping and step < dcfg.steps:
+            raise RunStopped(
+                f"distill: stopped by {stop.signal} after step {step}; state {path}; continue with the same command "
+                "and --resume"
+            )
     log.close()
     minutes = round((time.time() - t_start) / 60, 2)
     student = export_student(cfg, run.roles, progress.step, minutes)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from tdm_r1.checkpoint.export import export_generator
-from tdm_r1.checkpoint.resume import resolve_resume, resume_run_state, save_run_state, truncate_log
+from tdm_r1.checkpoint.resume import resume_from, resume_run_state, save_run_state, truncate_log
 from tdm_r1.commands.common import add_config_args, add_resume_arg, config_from_teacher, setup_threads
 from tdm_r1.config import Config, save_config
 from tdm_r1.evaluate import (
@@ -33,7 +33,16 @@ from tdm_r1.phases import advantage_phase, rollout_phase, update_phase
 from tdm_r1.report import RunReporter, paired_gain
 from tdm_r1.rewards.base import RewardFailureError
 from tdm_r1.rewards.scorer import RewardScorer, build_scorer
-from tdm_r1.run import Run, build_run, logged_seconds, open_run_dir, run_dir_lock, trainable_counts
+from tdm_r1.run import (
+    Run,
+    RunStopped,
+    StopRequests,
+    build_run,
+    logged_seconds,
+    open_run_dir,
+    run_dir_lock,
+    trainable_counts,
+)
 
 DESCRIPTION = (
     "The TDM-R1 epoch: grouped rollouts, rewards, group advantages, then fake score, surrogate reward (group "
@@ -98,13 +107,20 @@ def train_run(run: Run, scorer: RewardScorer, resume: str | None) -> dict:
     t_start = time.time()
     epochs = range(run.progress.step + 1, tc.epochs + 1)
     bar = tqdm(epochs, desc="train", dynamic_ncols=True, disable=not dist.is_main)
-    for epoch in bar:
-        rec = run_epoch(run, scorer, ev, epoch)
-        if ev.reporter is not None:
-            ev.reporter.log(rec, step=epoch)
-        bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", gen=f"{rec['loss_gen']:.3f}")
-        if (tc.checkpoint_every > 0 and epoch % tc.checkpoint_every == 0) or epoch == tc.epochs:
-            save_run_state(cfg, run.progress, run.roles, run.opts, run.teacher_sha, "train", dist)
+    with StopRequests() as stop:
+        for epoch in bar:
+            rec = run_epoch(run, scorer, ev, epoch)
+            if ev.reporter is not None:
+                ev.reporter.log(rec, step=epoch)
+            bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", gen=f"{rec['loss_gen']:.3f}")
+            stopping = stop.requested(dist)
+            if (tc.checkpoint_every > 0 and epoch % tc.checkpoint_every == 0) or epoch == tc.epochs or stopping:
+                path = save_run_state(cfg, run.progress, run.roles, run.opts, run.teacher_sha, "train", dist)
+            if stopping and epoch < tc.epochs:
+                raise RunStopped(
+                    f"train: stopped by {stop.signal or 'a signal'} after epoch {epoch}; state {path}; "
+                    "continue with the same command and --resume"
+                )
     scorer.close()  # the end-of-run evaluation scores on this thread
     minutes = round((dist.broadcast_object(prior_seconds) + time.time() - t_start) / 60, 2)
     return finish(run, ev, minutes)
@@ -118,8 +134,11 @@ def resume_or_start(run: Run, resume: str | None) -> float:
     if moved is not None:
         dist.print(f"train: {run.path} held an earlier run; its files were moved to {moved}")
     if resume is not None:
-        path = resolve_resume(resume, run.path)
-        resume_run_state(path, run.cfg, run.progress, run.roles, run.opts, run.teacher_sha, "train", dist)
+
+        def load(path):
+            resume_run_state(path, run.cfg, run.progress, run.roles, run.opts, run.teacher_sha, "train", dist)
+
+        path = resume_from(resume, run.path, load, dist)
         if dist.is_main:
             truncate_log(run.path / "metrics.jsonl", run.progress.step, key="epoch")
             prior_seconds = logged_seconds(run.path / "metrics.jsonl")

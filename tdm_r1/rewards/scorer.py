@@ -3,6 +3,7 @@ toy run is evaluated with (OCR)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -12,6 +13,8 @@ from torch import Tensor
 from tdm_r1 import timing
 from tdm_r1.config import Config, RewardTermConfig
 from tdm_r1.rewards.base import Reward, build_reward, score_images
+
+log = logging.getLogger(__name__)
 
 
 class RewardScorer:
@@ -25,7 +28,20 @@ class RewardScorer:
     def __call__(self, images: Tensor, prompts: list[str], targets: list[dict]) -> Tensor:
         total = torch.zeros(images.shape[0])
         for reward, weight in self.rewards:
-            total += weight * score_images(reward, images, prompts, targets)
+            try:
+                scores = score_images(reward, images, prompts, targets)
+                if scores.shape != total.shape:
+                    raise ValueError(f"returned shape {tuple(scores.shape)} for {images.shape[0]} images")
+            except Exception as e:  # a reward that raises fails its chunk: NaN, counted against max_reward_failure
+                log.warning(
+                    "reward %s failed on %d samples: %s: %s",
+                    getattr(reward, "name", reward),
+                    len(total),
+                    type(e).__name__,
+                    e,
+                )
+                scores = torch.full_like(total, float("nan"))
+            total += weight * scores
         return total
 
     def submit(self, images: Tensor, prompts: list[str], targets: list[dict]) -> Future:

@@ -98,11 +98,14 @@ def test_truncated_checkpoint_is_refused_and_the_previous_kept(teacher_path, tmp
     assert [p.name for p in states] == ["state_000002.safetensors", "state_000004.safetensors"]
     data = states[1].read_bytes()
     states[1].write_bytes(data[: len(data) // 2])
-    with pytest.raises(ckpt.CheckpointError, match=r"truncated or corrupt.*state_000002.*intact"):
-        distill(make_cfg(teacher_path, tmp_path, "distill.steps=6"), "auto")
+    # named explicitly, the damaged state is refused, with the previous one checked and offered
+    with pytest.raises(ckpt.CorruptStateError, match=r"truncated or corrupt.*previous state .*state_000002.* verifies"):
+        distill(make_cfg(teacher_path, tmp_path, "distill.steps=6"), str(states[1]))
     assert ckpt.read_train_state(states[0])[0]["step"] == 2
-    summary = distill(make_cfg(teacher_path, tmp_path, "distill.steps=4"), str(states[0]))
+    # --resume (auto) skips it, says so, and continues from the newest state that verifies
+    summary = distill(make_cfg(teacher_path, tmp_path, "distill.steps=4"), "auto")
     assert summary["steps"] == 4
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path):
