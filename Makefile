@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv native demo demo-run ablations default default-ablations layout layout-ablations test lint bench bench-train teacher \
+.PHONY: venv native demo demo-run ablations default default-ablations layout layout-ablations test test-crash lint bench bench-train teacher \
 	student layout-teacher layout-student blot-teacher blot-student clean
 
 venv: $(STAMP)
@@ -79,6 +79,10 @@ lint: venv
 bench: venv native
 	$(BIN)/python benchmarks/bench_ocr.py
 	$(BIN)/python benchmarks/bench_kernels.py
+
+# The crash harness with many kill points (tests/integration/test_crash.py; the default suite tries a few).
+test-crash: venv native
+	$(BIN)/python -m pytest -q -s -m slow tests/integration/test_crash.py
 
 # The trainer's phases on the demo config, reference loop vs fused (docs/benchmarks.md): benchmarks/results/train_*.
 bench-train: venv native

@@ -48,8 +48,9 @@ RESUMABLE_CHANGES = {
         "perf.",
     ),
 }
+RESUMABLE_CHANGES["pretrain"] = ("run_dir", "threads", "pretrain.steps", "pretrain.log_every", "pretrain.save_every")
 # The progress counter a command's states and logs are keyed by.
-STEP_KEY = {"train": "epoch", "distill": "step"}
+STEP_KEY = {"train": "epoch", "distill": "step", "pretrain": "step"}
 
 
 @dataclass

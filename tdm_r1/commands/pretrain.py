@@ -15,9 +15,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from tdm_r1 import checkpoint as ckpt
 from tdm_r1.checkpoint import read_model, save_model
-from tdm_r1.commands.common import add_config_args, setup_threads
-from tdm_r1.config import Config, ConfigError, load_config, save_config
+from tdm_r1.checkpoint.resume import RESUMABLE_CHANGES, check_resume_info, resume_from, truncate_log
+from tdm_r1.commands.common import add_config_args, add_resume_arg, setup_threads
+from tdm_r1.config import Config, ConfigError, load_config, save_config, to_dict
 from tdm_r1.config.validate import validate
 from tdm_r1.models.tiny_dit import build_tiny_dit
 from tdm_r1.report import JsonlLogger
@@ -30,16 +32,18 @@ def register(sub) -> None:
         "pretrain",
         help="train the toy teacher with rectified flow",
         description="Rectified-flow training of the toy teacher. Writes config.yaml, metrics.jsonl, "
-        "intermediate EMA checkpoints and teacher.safetensors into run_dir.",
+        "intermediate EMA checkpoints, training states (every pretrain.save_every steps; --resume continues one "
+        "exactly) and teacher.safetensors into run_dir.",
     )
     add_config_args(p, required=True)
+    add_resume_arg(p)
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     setup_threads(cfg)
-    pretrain(cfg)
+    pretrain(cfg, resume=args.resume)
     return 0
 
 
@@ -67,33 +71,71 @@ def init_weights(path: str, cfg: Config) -> dict[str, torch.Tensor]:
     return state
 
 
-def pretrain(cfg: Config) -> Path:
-    """Train the teacher; returns <run_dir>/teacher.safetensors (an earlier run in run_dir is archived first)."""
+def pretrain(cfg: Config, resume: str | None = None) -> Path:
+    """Train the teacher; returns <run_dir>/teacher.safetensors (a fresh run archives an earlier one in run_dir first;
+    `resume` continues from a training state exactly)."""
     validate(cfg, "pretrain")
     world = build_world(cfg.world)  # the word lists read and checked before any file is touched
     check_prompt_lengths(cfg, world)
     init = init_weights(cfg.pretrain.init, cfg) if cfg.pretrain.init is not None else None
     with run_dir_lock(cfg.run_dir):
-        if (moved := open_run_dir(cfg.run_dir, fresh=True, command="pretrain")) is not None:
+        if (moved := open_run_dir(cfg.run_dir, fresh=resume is None, command="pretrain")) is not None:
             print(f"pretrain: {cfg.run_dir} held an earlier run; its files were moved to {moved}")
-        return pretrain_run(cfg, world, init)
+        return pretrain_run(cfg, world, init, resume)
 
 
-def pretrain_run(cfg: Config, world, init: dict | None) -> Path:
+class Teacher:
+    """What a pretrain run's training state holds: the model, its EMA, the optimizer, the data and noise streams."""
+
+    def __init__(self, cfg: Config, init: dict | None):
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.model = build_tiny_dit(cfg.model, cfg.world).train()
+        if init is not None:
+            self.model.load_state_dict(init)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        pc = cfg.pretrain
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=pc.lr, betas=(0.9, 0.99), weight_decay=pc.weight_decay)
+        self.step = 0
+
+    def save_state(self, cfg: Config) -> Path:
+        state = {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optim": self.opt.state_dict(),
+            "rng": ckpt.rng_state({}, {"data": self.rng}),
+        }
+        path = ckpt.state_path(cfg.run_dir, self.step)
+        info = {"command": "pretrain", "config": to_dict(cfg), "teacher_sha256": "", "step": self.step}
+        ckpt.save_train_state(path, state, info)
+        ckpt.prune_train_states(cfg.run_dir, 2)
+        return path
+
+    def load_state(self, path: Path, cfg: Config) -> None:
+        state, info = ckpt.read_train_state(path)
+        check_resume_info(path, info, cfg, "", "pretrain", RESUMABLE_CHANGES["pretrain"])
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optim"])
+        ckpt.set_rng_state(state["rng"], {}, {"data": self.rng})
+        self.step = int(state["step"])
+
+
+def pretrain_run(cfg: Config, world, init: dict | None, resume: str | None = None) -> Path:
     pc = cfg.pretrain
     run = Path(cfg.run_dir)
+    t = Teacher(cfg, init)
+    if resume is not None:
+        path = resume_from(resume, run, lambda p: t.load_state(p, cfg))
+        truncate_log(run / "metrics.jsonl", t.step)
+        print(f"pretrain: resumed from {path} at step {t.step}")
     save_config(cfg, run / "config.yaml")
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    model = build_tiny_dit(cfg.model, cfg.world).train()
-    if init is not None:
-        model.load_state_dict(init)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=pc.lr, betas=(0.9, 0.99), weight_decay=pc.weight_decay)
+    model, ema, opt, rng = t.model, t.ema, t.opt, t.rng
     log = JsonlLogger(run / "metrics.jsonl")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"pretrain: {n_params / 1e6:.2f}M parameters, {pc.steps} steps at batch {pc.batch_size} -> {run}")
-    bar = tqdm(range(1, pc.steps + 1), desc="pretrain", dynamic_ncols=True)
+    bar = tqdm(range(t.step + 1, pc.steps + 1), desc="pretrain", dynamic_ncols=True)
     t_start = time.time()
     for step in bar:
         images, prompts = world.sample(pc.batch_size, rng)
@@ -119,7 +161,9 @@ def pretrain_run(cfg: Config, world, init: dict | None) -> Path:
             }
             log.log(rec)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
+        t.step = step
         if pc.save_every > 0 and step % pc.save_every == 0 and step != pc.steps:
+            t.save_state(cfg)
             save_model(
                 run / "checkpoints" / f"step_{step:06d}.safetensors",
                 ema.state_dict(),

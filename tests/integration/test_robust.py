@@ -155,3 +155,20 @@ def test_sigterm_stops_cleanly_and_the_resumed_run_equals_the_uninterrupted_one(
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith("seconds")}  # noqa: E731
     rows = lambda d: [strip(json.loads(x)) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert rows(tmp_path / "full") == rows(tmp_path / "cut")
+
+
+def test_pretrain_resume_equals_the_uninterrupted_run(tmp_path):
+    base = [*TINY, "pretrain.batch_size=2", "pretrain.log_every=1", "pretrain.warmup_steps=2", "pretrain.save_every=2"]
+    from tdm_r1.commands.pretrain import pretrain
+
+    pretrain(load_config("configs/toy_ocr_teacher.yaml", [*base, "pretrain.steps=5", f"run_dir={tmp_path / 'full'}"]))
+    cut = [*base, f"run_dir={tmp_path / 'cut'}"]
+    pretrain(load_config("configs/toy_ocr_teacher.yaml", [*cut, "pretrain.steps=3"]))  # a run stopped after step 3
+    (tmp_path / "cut" / "teacher.safetensors").unlink()
+    pretrain(load_config("configs/toy_ocr_teacher.yaml", [*cut, "pretrain.steps=5"]), resume="auto")  # from step 2
+    a, _, _, _ = ckpt.read_model(tmp_path / "full" / "teacher.safetensors")
+    b, _, _, _ = ckpt.read_model(tmp_path / "cut" / "teacher.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    rows = lambda d: [strip(json.loads(x)) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert rows(tmp_path / "full") == rows(tmp_path / "cut") and len(rows(tmp_path / "full")) == 5
