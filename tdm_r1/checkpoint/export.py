@@ -61,9 +61,12 @@ def read_role_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     return state["roles"], info
 
 
-def export_checkpoint(path: str | Path, role: str, out: str | Path, lora: str = "merge") -> Path:
+def export_checkpoint(
+    path: str | Path, role: str, out: str | Path, lora: str = "merge", overwrite: bool = False
+) -> Path:
     """Write `role` of the training state at `path` (a run directory: its newest state) as a model checkpoint, or for
-    a diffusers model (model.kind sd3 / zimage) as a diffusers pipeline folder (`export_pipeline`)."""
+    a diffusers model (model.kind sd3 / zimage) as a diffusers pipeline folder (`export_pipeline`). An existing
+    output is refused unless `overwrite`."""
     path = Path(path)
     if path.is_dir() and not ckpt.is_sharded(path):
         states = ckpt.list_train_states(path)
@@ -78,7 +81,11 @@ def export_checkpoint(path: str | Path, role: str, out: str | Path, lora: str = 
         have = sorted({k.split("/")[0] for k in tensors})
         raise ckpt.CheckpointError(f"{path} has no role {role!r}; it has {', '.join(have)}")
     if is_diffusers(cfg):
-        return export_pipeline(cfg, info, path, role, own, out, lora)
+        return export_pipeline(cfg, info, path, role, own, out, lora, overwrite)
+    if Path(out).is_dir():
+        raise ckpt.CheckpointError(f"--out {out} is a folder; a toy model exports to a .safetensors file")
+    if Path(out).exists() and not overwrite:
+        raise ckpt.CheckpointError(f"--out {out} exists; choose another path or pass --overwrite")
     if cfg.roles.mode == "full":
         weights = own
     else:
@@ -94,7 +101,14 @@ def export_checkpoint(path: str | Path, role: str, out: str | Path, lora: str = 
 
 
 def export_pipeline(
-    cfg: Config, info: dict, path: Path, role: str, own: dict[str, Tensor], out: str | Path, lora: str = "merge"
+    cfg: Config,
+    info: dict,
+    path: Path,
+    role: str,
+    own: dict[str, Tensor],
+    out: str | Path,
+    lora: str = "merge",
+    overwrite: bool = False,
 ) -> Path:
     """A role of a diffusers run as a standalone diffusers pipeline folder: the run's source folder (diffusers.path,
     which must be the one it was trained against) with the role's transformer; in lora mode the adapter merged into
@@ -120,6 +134,7 @@ def export_pipeline(
         lora_alpha=cfg.roles.lora_alpha,
         steps=cfg.tdm.steps,
         shift=cfg.tdm.shift,
+        overwrite=overwrite,
     )
 
 

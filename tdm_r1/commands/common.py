@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
-from tdm_r1.config import Config, is_diffusers, load_config, to_dict
+from tdm_r1.config import Config, ConfigError, is_diffusers, load_config, to_dict
 
 
 def add_config_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -68,16 +69,33 @@ def sampling_settings(args: argparse.Namespace, cfg: Config) -> tuple[int, float
     return pick(args.nfe, s.nfe), pick(args.cfg, s.cfg), pick(args.shift, s.shift), pick(args.solver, s.solver)
 
 
-def load_checkpoint_run(args: argparse.Namespace):
+def load_checkpoint_run(args: argparse.Namespace, need_splits: bool = True):
     """(model, world, config, info) of a model checkpoint: config = the checkpoint's world, then --config, then
-    --set."""
+    --set. need_splits False (the items come from the command line or a file): the world's word lists are not read,
+    so the command works from any directory."""
     from tdm_r1.checkpoint import load_model
     from tdm_r1.worlds import build_world
+    from tdm_r1.worlds.ocr import OCRWorld
 
     model, world_cfg, info = load_model(args.checkpoint)
     cfg = load_config(args.config, args.overrides, base={"world": to_dict(world_cfg)})
     setup_threads(cfg)
-    return model, build_world(cfg.world), cfg, info
+    world = build_world(cfg.world) if need_splits else OCRWorld(cfg.world, [], [])
+    return model, world, cfg, info
+
+
+def writable_output(path: str | Path) -> Path:
+    """`path`'s folder created and checked writable now, before the work whose result goes there."""
+    import tempfile
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror or e} (choose another --out)") from e
+    return path
 
 
 def read_prompt_items(path: str, world) -> list[str]:

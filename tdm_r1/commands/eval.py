@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from tdm_r1.commands.common import add_sampling_args, load_checkpoint_run, read_prompt_items, sampling_settings
+from tdm_r1.commands.common import (
+    add_sampling_args,
+    load_checkpoint_run,
+    read_prompt_items,
+    sampling_settings,
+    writable_output,
+)
 from tdm_r1.config import ConfigError
 from tdm_r1.evaluate import eval_items, eval_reward, evaluate, evaluate_seeds
 from tdm_r1.report import save_grid
@@ -36,7 +41,8 @@ def register(sub) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ConfigError(f"eval: --seeds must be >= 1, got {args.seeds}")
-    model, world, cfg, _ = load_checkpoint_run(args)
+    out = writable_output(args.out)
+    model, world, cfg, _ = load_checkpoint_run(args, need_splits=not args.prompts)
     items = read_prompt_items(args.prompts, world) if args.prompts else eval_items(world, args.split, cfg.eval)
     nfe, guidance, shift, solver = sampling_settings(args, cfg)
     reward = eval_reward(cfg, world, {})
@@ -44,8 +50,6 @@ def main(args: argparse.Namespace) -> int:
         lambda ecfg: evaluate(model, world, reward, items, nfe, guidance, shift, ecfg, solver), cfg.eval, args.seeds
     )
     result |= {"checkpoint": str(args.checkpoint), "split": args.prompts or args.split, "seed": cfg.eval.seed}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     grid = out.with_suffix(".png")
     save_grid(images[: cfg.eval.grid_rows * cfg.eval.grid_cols], grid, cols=cfg.eval.grid_cols)

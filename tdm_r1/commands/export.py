@@ -37,10 +37,11 @@ def register(sub) -> None:
         help="diffusers models in lora mode: merge the adapter into the transformer (default), or keep it as "
         "pytorch_lora_weights.safetensors for pipe.load_lora_weights",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    out = export_checkpoint(args.checkpoint, args.role, args.out, lora=args.lora)
+    out = export_checkpoint(args.checkpoint, args.role, args.out, lora=args.lora, overwrite=args.overwrite)
     print(f"export: wrote {args.role} of {args.checkpoint} to {out}")
     return 0

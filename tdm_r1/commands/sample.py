@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from tdm_r1.commands.common import add_sampling_args, load_checkpoint_run, read_prompt_items, sampling_settings
+from tdm_r1.commands.common import (
+    add_sampling_args,
+    load_checkpoint_run,
+    read_prompt_items,
+    sampling_settings,
+    writable_output,
+)
 from tdm_r1.config import ConfigError
 from tdm_r1.evaluate import generate
 from tdm_r1.report import save_grid
@@ -23,7 +29,8 @@ def register(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    model, world, cfg, _ = load_checkpoint_run(args)
+    writable_output(args.out)
+    model, world, cfg, _ = load_checkpoint_run(args, need_splits=False)
     words = list(args.words) + (read_prompt_items(args.prompts, world) if args.prompts else [])
     if not words:
         raise ConfigError("sample: give words as arguments or --prompts FILE")

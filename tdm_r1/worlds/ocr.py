@@ -46,6 +46,11 @@ def numbered_lines(path: str | Path, item: str) -> list[tuple[int, str]]:
     return out
 
 
+def shown(text: str, limit: int = 40) -> str:
+    """A line as an error message shows it: whole when short, else its start and its length."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def read_words(path: str | Path, alphabet: str, max_len: int) -> list[str]:
     """One word per line; every character must be in `alphabet`. Errors name the line number."""
     p = Path(path)
@@ -54,11 +59,11 @@ def read_words(path: str | Path, alphabet: str, max_len: int) -> list[str]:
         bad = sorted({c for c in text if c not in alphabet})
         if bad:
             raise PromptFileError(
-                f"{p}:{lineno}: {text!r} has characters outside the world's alphabet: {''.join(bad)!r} "
+                f"{p}:{lineno}: {shown(text)} has characters outside the world's alphabet: {shown(''.join(bad))} "
                 f"(allowed: {alphabet})"
             )
         if len(text) > max_len:
-            raise PromptFileError(f"{p}:{lineno}: {text!r} is longer than max_word_len={max_len}")
+            raise PromptFileError(f"{p}:{lineno}: {shown(text)} is longer than max_word_len={max_len}")
         words.append(text)
     return words
 

@@ -161,3 +161,39 @@ def test_leftovers_of_interrupted_writes_are_removed_and_a_torn_log_line_repaire
         f.write('{"step": 3, "loss_ge')  # and a kill during a log write
     distill(cfg_of(teacher, tmp_path, "distill.steps=3"), resume="auto")
     assert not leftover.exists() and steps(tmp_path) == [1, 2, 3]  # every line of the resumed run's log parses
+
+
+def test_eval_with_a_prompt_file_works_outside_the_repository(teacher, tmp_path, monkeypatch):
+    (tmp_path / "words.txt").write_text("CAT\nDOG\n")
+    monkeypatch.chdir(tmp_path)  # the checkpoint's word lists (configs/words/...) are not reachable from here
+    args = ["eval", "--checkpoint", str(teacher / "teacher.safetensors"), "--prompts", "words.txt", "--nfe", "1"]
+    assert main([*args, "--out", "ev.json", "--set", "eval.batch_size=2"]) == 0
+    assert json.loads((tmp_path / "ev.json").read_text())["n"] == 2
+
+
+def test_an_unwritable_eval_output_fails_before_the_evaluation(teacher, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    args = ["eval", "--checkpoint", str(teacher / "teacher.safetensors"), "--out", str(tmp_path / "file" / "ev.json")]
+    assert main(args) == 2
+    assert f"cannot write {tmp_path / 'file' / 'ev.json'}" in capsys.readouterr().err
+
+
+def test_export_refuses_an_existing_output_unless_told(teacher, tmp_path, capsys):
+    distill(cfg_of(teacher, tmp_path / "run", "distill.steps=1"))
+    out = tmp_path / "model.safetensors"
+    out.write_text("precious")
+    args = ["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]
+    assert main(args) == 2 and out.read_text() == "precious"
+    assert f"--out {out} exists; choose another path or pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0 and ckpt.read_model(out)
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_a_huge_bad_line_is_not_echoed_whole(tmp_path):
+    from tdm_r1.worlds.ocr import PromptFileError, read_words
+
+    (tmp_path / "w.txt").write_text("CAT\n" + "a" * 2_000_000 + "\n")
+    with pytest.raises(PromptFileError) as e:
+        read_words(tmp_path / "w.txt", "ABCDEFGHIJKLMNOPQRSTUVWXYZ", 8)
+    assert len(str(e.value)) < 300 and "(2000000 characters)" in str(e.value)
