@@ -122,3 +122,30 @@ def save_tiny_teacher(path) -> None:
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     ckpt.save_model(path, m.state_dict(), cfg.model, cfg.world)
+
+
+# Tiny one-process runs of the robustness tests (run directory, resume, crashes): a few seconds each.
+TINY_DISTILL = [
+    "distill.batch_size=2",
+    "distill.eval_every=0",
+    "distill.eval_at_end=false",
+    "distill.checkpoint_every=1",
+]
+TINY_TRAIN = [
+    "train.prompts_per_epoch=2",
+    "train.group_size=2",
+    "train.micro_batch_groups=1",
+    "train.eval_every=0",
+    "train.eval_baselines=false",
+    "train.tensorboard=false",
+    "train.rewards=[{name: dark_fraction, weight: 1.0}]",
+    "eval.train_subset=2",
+]
+
+
+def tiny_run_files(d):
+    """A folder with a tiny teacher, a two-word held-out list and a YAML of defaults (everything else by --set)."""
+    save_tiny_teacher(d / "teacher.safetensors")
+    (d / "heldout.txt").write_text("CAT\nDOG\n")
+    (d / "run.yaml").write_text("seed: 0\n")
+    return d

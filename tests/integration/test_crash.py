@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from utils import TINY, save_tiny_teacher
+from utils import TINY, tiny_run_files
 
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.cli import main
@@ -72,11 +72,7 @@ MOMENTS = {
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("crash")
-    save_tiny_teacher(d / "teacher.safetensors")
-    (d / "heldout.txt").write_text("CAT\nDOG\n")
-    (d / "run.yaml").write_text("seed: 0\n")
-    return d
+    return tiny_run_files(tmp_path_factory.mktemp("crash"))
 
 
 def argv(command: str, files: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from utils import TINY, save_tiny_teacher
+from utils import TINY, TINY_DISTILL, TINY_TRAIN, tiny_run_files
 
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1 import updates
@@ -22,24 +22,12 @@ from tdm_r1.optim import NonFiniteError, check_finite, optimizer_step
 from tdm_r1.rewards import register_reward
 from tdm_r1.run import build_run
 
-DISTILL = ["distill.batch_size=2", "distill.eval_every=0", "distill.eval_at_end=false", "distill.checkpoint_every=1"]
-TRAIN = [
-    "train.prompts_per_epoch=2",
-    "train.group_size=2",
-    "train.micro_batch_groups=1",
-    "train.eval_every=0",
-    "train.eval_baselines=false",
-    "train.tensorboard=false",
-    "train.rewards=[{name: dark_fraction, weight: 1.0}]",
-]
+DISTILL, TRAIN = TINY_DISTILL, TINY_TRAIN
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    d = tmp_path_factory.mktemp("teacher")
-    save_tiny_teacher(d / "teacher.safetensors")
-    (d / "heldout.txt").write_text("CAT\nDOG\n")
-    return d
+    return tiny_run_files(tmp_path_factory.mktemp("teacher"))
 
 
 def sets(teacher, run_dir, command, *extra):
@@ -136,7 +124,6 @@ def test_sigterm_stops_cleanly_and_the_resumed_run_equals_the_uninterrupted_one(
     distill(load_config(None, full))
     args = [x for s in sets(teacher, tmp_path / "cut", "distill", "distill.steps=40") for x in ("--set", s)]
     cmd = [sys.executable, "-m", "tdm_r1", "distill", "--config", str(teacher / "run.yaml"), *args]
-    (teacher / "run.yaml").write_text("seed: 0\n")
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=os.getcwd())
     log = tmp_path / "cut" / "metrics.jsonl"
     deadline = time.time() + 120

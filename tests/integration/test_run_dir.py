@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from utils import TINY, save_tiny_teacher
+from utils import TINY, TINY_DISTILL, TINY_TRAIN, tiny_run_files
 
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.cli import main
@@ -18,26 +18,12 @@ from tdm_r1.commands.train import train
 from tdm_r1.config import load_config
 from tdm_r1.run import RunDirBusyError, run_dir_lock
 
-DISTILL = ["distill.batch_size=2", "distill.eval_every=0", "distill.eval_at_end=false", "distill.checkpoint_every=1"]
-TRAIN = [
-    "train.prompts_per_epoch=2",
-    "train.group_size=2",
-    "train.micro_batch_groups=1",
-    "train.eval_every=0",
-    "train.eval_baselines=false",
-    "train.tensorboard=false",
-    "train.rewards=[{name: dark_fraction, weight: 1.0}]",
-    "eval.train_subset=2",
-]
+DISTILL, TRAIN = TINY_DISTILL, TINY_TRAIN
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    d = tmp_path_factory.mktemp("teacher")
-    save_tiny_teacher(d / "teacher.safetensors")
-    (d / "heldout.txt").write_text("CAT\nDOG\n")
-    (d / "run.yaml").write_text("seed: 0\n")  # the defaults: everything else comes by --set
-    return d
+    return tiny_run_files(tmp_path_factory.mktemp("teacher"))
 
 
 def cfg_of(teacher, run_dir, *extra, command="distill"):
