@@ -149,3 +149,10 @@ def tiny_run_files(d):
     (d / "heldout.txt").write_text("CAT\nDOG\n")
     (d / "run.yaml").write_text("seed: 0\n")
     return d
+
+
+def write_yaml(tmp_path, text: str):
+    """`text` as the config file tmp_path/c.yaml; its path."""
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p

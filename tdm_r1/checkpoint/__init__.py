@@ -73,21 +73,28 @@ def save_model(
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def read_model(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, WorldConfig, dict]:
-    """Load a model checkpoint; refuse truncated or foreign files with a clear error."""
+def read_tagged(
+    path: str | Path, fmt: str, what: str, hint: str = "", error: type[CheckpointError] = CheckpointError
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file of ours written as `fmt`: a missing file is a CheckpointError, a
+    foreign or unreadable one (truncated, corrupt) an `error`, each naming the file and `what` it should be."""
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
+        raise CheckpointError(f"{what} not found: {p}")
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("format") != MODEL_FORMAT:
-                raise CheckpointError(
-                    f"{p} is not a tdm-r1 model checkpoint (format {meta.get('format')!r}, expected {MODEL_FORMAT!r})"
-                )
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            if meta.get("format") != fmt:
+                raise error(f"{p} is not a tdm-r1 {what} (format {meta.get('format')!r}, expected {fmt!r}){hint}")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{p} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+        raise error(f"{p} is not a readable {what} (truncated or corrupt?): {e}") from e
+    return tensors, meta
+
+
+def read_model(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig, WorldConfig, dict]:
+    """Load a model checkpoint; refuse truncated or foreign files with a clear error."""
+    state, meta = read_tagged(path, MODEL_FORMAT, "model checkpoint")
     model_cfg = from_dict(json.loads(meta["model"]), ModelConfig)
     world_cfg = from_dict(json.loads(meta["world"]), WorldConfig)
     return state, model_cfg, world_cfg, json.loads(meta.get("info", "{}"))
@@ -160,22 +167,13 @@ def save_train_state(path: str | Path, state: dict, info: dict | None = None) ->
 
 def read_train_state(path: str | Path) -> tuple[dict, dict]:
     """Inverse of save_train_state -> (state, info); refuses truncated, foreign or altered files (CorruptStateError)."""
+    tensors, meta = read_tagged(path, STATE_FORMAT, "training-state checkpoint", error=CorruptStateError)
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"training-state checkpoint not found: {p}")
     try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != STATE_FORMAT:
-                raise CorruptStateError(
-                    f"{p} is not a tdm-r1 training-state checkpoint "
-                    f"(format {meta.get('format')!r}, expected {STATE_FORMAT!r})"
-                )
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
         skeleton = json.loads(meta["state"])
         info = json.loads(meta.get("info", "{}"))
-    except (SafetensorError, OSError, RuntimeError, json.JSONDecodeError, KeyError) as e:
-        raise CorruptStateError(f"{p} is not a readable training-state checkpoint (truncated or corrupt?): {e}") from e
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CorruptStateError(f"{p} is not a readable training-state checkpoint (its skeleton: {e})") from e
     if "sha256" in meta and tensors_sha256(tensors) != meta["sha256"]:  # states written before checksums have none
         raise CorruptStateError(f"{p}: its tensors do not match the checksum written with them (the file was altered)")
     return _unflatten(skeleton, tensors), info
@@ -290,21 +288,9 @@ def save_adapter(path: str | Path, tensors: dict[str, torch.Tensor], cfg, **info
 
 def read_adapter(path: str | Path, roles_cfg) -> dict[str, torch.Tensor]:
     """Adapter tensors written by save_adapter; refuses foreign files and mismatched lora settings."""
+    hint = "; roles.mode=lora starts the generator from student_adapter.safetensors, roles.mode=full from a model"
+    tensors, meta = read_tagged(path, ADAPTER_FORMAT, "adapter", hint)
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"adapter not found: {p}")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != ADAPTER_FORMAT:
-                raise CheckpointError(
-                    f"{p} is not a tdm-r1 adapter (format {meta.get('format')!r}, expected {ADAPTER_FORMAT!r}); "
-                    "roles.mode=lora starts the generator from student_adapter.safetensors, "
-                    "roles.mode=full from a model checkpoint"
-                )
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{p} is not a readable safetensors file (truncated or corrupt?): {e}") from e
     lora = json.loads(meta["lora"])
     want = {"rank": roles_cfg.lora_rank, "alpha": roles_cfg.lora_alpha, "targets": roles_cfg.lora_targets}
     if lora != want:

@@ -1,14 +1,9 @@
 from pathlib import Path
 
 import pytest
+from utils import write_yaml as write
 
 from tdm_r1.config import Config, ConfigError, load_config, save_config
-
-
-def write(tmp_path, text):
-    p = tmp_path / "c.yaml"
-    p.write_text(text)
-    return p
 
 
 def test_defaults_and_values(tmp_path):

@@ -5,18 +5,13 @@ keys."""
 from pathlib import Path
 
 import pytest
+from utils import write_yaml as write
 
 from tdm_r1.checkpoint import CheckpointError
 from tdm_r1.checkpoint.resume import RESUMABLE_CHANGES, check_resume_config
 from tdm_r1.config import ConfigError, RewardTermConfig, load_config, to_dict
 from tdm_r1.rewards.base import build_reward, reward_options
 from tdm_r1.rewards.ocr import OCROptions
-
-
-def write(tmp_path, text):
-    p = tmp_path / "c.yaml"
-    p.write_text(text)
-    return p
 
 
 def test_renamed_and_removed_keys_load_in_todays_names(tmp_path):
