@@ -5,8 +5,10 @@ machine falls on every path alike, and every ratio is computed within the run.
 Paths (each a set of `perf:` settings; all train the same model up to float rounding):
   reference  the official release's loop structure with the eager PyTorch reference ops (kernels/reference.py): CFG
              pairs as two forwards, the generator output recomputed at every drawn step, prompts encoded per batch
-  fused      today's trainer: the fused kernels (native on CPU, Triton on CUDA), batched CFG, the rollout's output
-             reused, prompts encoded once per epoch
+  fused      the fused kernels (native on CPU, Triton on CUDA), batched CFG, the rollout's output reused, prompts
+             encoded once per epoch; peft's forward everywhere, every reward awaited before the updates
+  fast       the trainer's defaults: `fused` plus merged no-grad LoRA forwards (perf.lora_forward) and the first
+             fake-score update overlapped with the last rewards (perf.overlap_reward)
 
 Per path: wall seconds per epoch and per phase (`tdm_r1.timing`), images per second, model forward-equivalents per
 image counted in the roles (forwards + 2 x forwards with autograd), FLOPs from torch.utils.flop_counter (one forward
@@ -26,15 +28,21 @@ import torch
 
 from tdm_r1 import timing
 from tdm_r1.config import Config, ConfigError, PerfConfig
-from tdm_r1.phases import advantage_phase, rollout_phase, update_phase
+from tdm_r1.phases import train_epoch
 from tdm_r1.rewards.scorer import build_scorer
 from tdm_r1.run import Run, build_run
 
 PATHS: dict[str, PerfConfig] = {
     "reference": PerfConfig(
-        kernels="reference", cfg_batching="separate", reuse_rollout_output=False, encode_once=False
+        kernels="reference",
+        cfg_batching="separate",
+        reuse_rollout_output=False,
+        encode_once=False,
+        lora_forward="peft",
+        overlap_reward=False,
     ),
-    "fused": PerfConfig(),
+    "fused": PerfConfig(lora_forward="peft", overlap_reward=False),
+    "fast": PerfConfig(),
 }
 # The order phases are reported in ("other": the epoch's seconds outside every marked phase).
 PHASES = (
@@ -100,13 +108,8 @@ def forward_flops(run: Run) -> float:
 
 def run_epoch(run: Run, scorer, epoch: int) -> dict:
     """One TDM-R1 epoch of `run` (its own data and random streams), as `tdm-r1 train` runs it; its metrics."""
-    cfg, progress = run.cfg, run.progress
-    batch = rollout_phase(
-        run.roles, run.world, progress.stream, scorer, cfg.train, cfg.tdm, progress.gen, run.split, cfg.perf.encode_once
-    )
-    rec = advantage_phase(batch, cfg.train, run.dist)
-    rec |= update_phase(run.roles, run.opts, batch, cfg.train, cfg.tdm, cfg, epoch, progress.gen, run.dist)
-    progress.step = epoch
+    rec = train_epoch(run, scorer, epoch)
+    run.progress.step = epoch
     return rec
 
 

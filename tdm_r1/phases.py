@@ -15,6 +15,8 @@ gradient. No denoising loss ever touches the generator (except in the `direct_rl
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -52,10 +54,11 @@ def rollout_phase(
     gen: torch.Generator,
     split: Split | None = None,
     encode_once: bool = True,
+    wait: bool = True,
 ) -> Batch:
     """P prompts x G samples through the generator's K-step sampler; rewards scored chunk by chunk on the scorer's
     thread while the next chunk samples. With `split`, this rank rolls out its rows of each micro-batch; the prompts
-    and noise are drawn for all of them."""
+    and noise are drawn for all of them. wait=False returns before the last rewards are in (`collect_rewards`)."""
     n = tc.prompts_per_epoch * tc.group_size
     split = split or Split(n, tc.micro_batch_groups * tc.group_size, tc.group_size)
     items = stream.next(tc.prompts_per_epoch)
@@ -81,9 +84,46 @@ def rollout_phase(
             images = roles.generator.decode(t.sample)
         futures.append(scorer.submit(images, prompts[sl], targets[sl]))
     traj = Trajectory(torch.cat([t.xs for t in trajs], 1), trajs[0].s, torch.cat([t.v for t in trajs], 1))
-    with phase("reward_wait"):  # what the scorer's thread did not finish behind the sampling
-        rewards = torch.cat([f.result() for f in futures])
-    return Batch(items_rep, prompts, cond, traj, group_ids, rewards, torch.zeros_like(rewards), split=split)
+    nan = torch.full((traj.xs.shape[1],), math.nan)
+    batch = Batch(items_rep, prompts, cond, traj, group_ids, nan, torch.zeros_like(nan), split=split, pending=futures)
+    if wait:
+        collect_rewards(batch)
+    return batch
+
+
+def collect_rewards(batch: Batch) -> None:
+    """Wait for the scorer's results of a rollout (`reward_wait`: what its thread did not finish behind other work)."""
+    if batch.pending is None:
+        return
+    with phase("reward_wait"):
+        batch.rewards = torch.cat([f.result() for f in batch.pending])
+    batch.pending = None
+
+
+def train_epoch(run, scorer: RewardScorer, epoch: int) -> dict[str, float]:
+    """One TDM-R1 epoch of a Run: rollout -> advantages -> updates, its metrics. With perf.overlap_reward the first
+    micro-batch's fake-score update (it needs no advantages) runs before the last chunk's rewards are awaited; the
+    wait then counts in sec_update, not sec_rollout_reward."""
+    cfg, progress, tc = run.cfg, run.progress, run.cfg.train
+    overlap = cfg.perf.overlap_reward
+    t0 = time.time()
+    batch = rollout_phase(
+        run.roles, run.world, progress.stream, scorer, tc, cfg.tdm, progress.gen, run.split, cfg.perf.encode_once,
+        wait=not overlap,
+    )  # fmt: skip
+    rec: dict[str, float] = {}
+
+    def advantages() -> None:
+        collect_rewards(batch)
+        rec.update(advantage_phase(batch, tc, run.dist))
+
+    if not overlap:
+        advantages()
+    t1 = time.time()
+    rec |= update_phase(
+        run.roles, run.opts, batch, tc, cfg.tdm, cfg, epoch, progress.gen, run.dist, advantages if overlap else None
+    )
+    return rec | {"sec_rollout_reward": round(t1 - t0, 2), "sec_update": round(time.time() - t1, 2)}
 
 
 # -- 3. advantages --------------------------------------------------------------------------------------
@@ -144,9 +184,12 @@ def update_phase(
     epoch: int,
     gen: torch.Generator,
     dist: Dist = LOCAL,
+    advantages: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """fake -> surrogate -> generator for every micro-batch and M drawn steps; gradients accumulate
-    into `tc.optimizer_steps_per_epoch` optimizer steps per role. Returns means over all ranks' samples."""
+    into `tc.optimizer_steps_per_epoch` optimizer steps per role. Returns means over all ranks' samples.
+    `advantages`: fills batch.rewards and batch.adv, called after the first fake-score step (the first that needs
+    them is the surrogate's); None: they are there already."""
 
     mbs = micro_batches(batch)
     backwards_skipped = sum(r.skipped for r in roles.active().values())
@@ -174,6 +217,11 @@ def update_phase(
                     parts = fake_score_backward(
                         roles.fake, roles.reference, mb.cond, mb.traj, j, tdm, gen, scale, mb.shard
                     )
+                if advantages is not None:
+                    advantages()
+                    advantages = None
+                    for m, (rows, _) in zip(mbs, batch.split.micro_batches(), strict=True):
+                        m.rewards, m.adv = batch.rewards[rows], batch.adv[rows]
                 with phase("surrogate"):
                     k = draw_surrogate_step(tdm.steps, gen)
                     parts |= surrogate_backward(roles, mb, k, tc, tdm, gen, scale, dist)

@@ -100,6 +100,7 @@ def build_run(cfg: Config, command: str = "train", dist: Dist | None = None) -> 
         teacher = None
     for role in roles.active().values():
         role.separate_cfg = cfg.perf.cfg_batching == "separate"
+        role.merged_no_grad = cfg.perf.lora_forward == "merged" and not dist.deepspeed
     opts = wrap_roles(roles, cfg.optim, dist) if dist.deepspeed else build_optimizers(roles, cfg.optim)
     progress = Progress(0, PromptStream(world.items("train"), cfg.seed), torch.Generator().manual_seed(cfg.seed))
     return Run(cfg, dist, split, world, teacher, teacher_sha, roles, opts, progress)

@@ -74,6 +74,7 @@ class Batch:
     adv: Tensor  # [N]
     split: Split | None = None  # an epoch: which of the P x G samples this rank holds
     shard: Shard | None = None  # a micro-batch: its rows of the global micro-batch, for which draws are made
+    pending: list | None = None  # an epoch: the scorer's futures not yet collected (rewards NaN until then)
 
     @classmethod
     def of_rollout(cls, prompts: list[str], cond: Cond, traj: Trajectory) -> Batch:

@@ -29,7 +29,7 @@ from tdm_r1.evaluate import (
     generate,
     label_samples,
 )
-from tdm_r1.phases import advantage_phase, rollout_phase, update_phase
+from tdm_r1.phases import train_epoch
 from tdm_r1.report import RunReporter, paired_gain
 from tdm_r1.rewards.base import RewardFailureError
 from tdm_r1.rewards.scorer import RewardScorer, build_scorer
@@ -182,18 +182,12 @@ def run_epoch(run: Run, scorer: RewardScorer, ev: Evals, epoch: int) -> dict:
     unscorable samples stop the run after a training state is saved."""
     cfg, dist, progress, tc = run.cfg, run.dist, run.progress, run.cfg.train
     rec: dict = {"epoch": epoch}
-    t0 = time.time()
     dist.check_same(progress.gen.get_state(), "the shared random stream")
-    batch = rollout_phase(
-        run.roles, run.world, progress.stream, scorer, tc, cfg.tdm, progress.gen, run.split, cfg.perf.encode_once
-    )
-    t1 = time.time()
     try:
-        rec |= advantage_phase(batch, tc, dist)
+        rec |= train_epoch(run, scorer, epoch)
     except RewardFailureError as e:
         path = save_run_state(cfg, progress, run.roles, run.opts, run.teacher_sha, "train", dist)
         raise RewardFailureError(f"epoch {epoch}: {e}; state saved at {path} (resume with --resume)") from e
-    rec |= update_phase(run.roles, run.opts, batch, tc, cfg.tdm, cfg, epoch, progress.gen, dist)
     t2 = time.time()
     progress.step = epoch
     if tc.eval_every > 0 and epoch % tc.eval_every == 0 and epoch != tc.epochs:
@@ -202,11 +196,7 @@ def run_epoch(run: Run, scorer: RewardScorer, ev: Evals, epoch: int) -> dict:
         )
         m = eval_metric(cfg)
         rec |= {f"heldout_{m}_mean": result[f"{m}_mean"], f"heldout_{m}_exact": result[f"{m}_exact"]}
-    return rec | {
-        "sec_rollout_reward": round(t1 - t0, 2),
-        "sec_update": round(t2 - t1, 2),
-        "sec_eval": round(time.time() - t2, 2),
-    }
+    return rec | {"sec_eval": round(time.time() - t2, 2)}
 
 
 def finish(run: Run, ev: Evals, minutes: float) -> dict:

@@ -1,4 +1,4 @@
-"""`tdm-r1 bench`: the reference and fused loop paths train the same model, their model work is counted as the
+"""`tdm-r1 bench`: the reference, fused and fast loop paths train the same model, their model work is counted as the
 algorithm prescribes (DESIGN section 5), and the results come out as JSON, CSV, markdown and a chart."""
 
 import csv
@@ -12,6 +12,9 @@ from tdm_r1 import timing
 from tdm_r1.bench import PATHS, PHASES, bench, write_results
 from tdm_r1.cli import main
 from tdm_r1.config import load_config
+from tdm_r1.phases import train_epoch
+from tdm_r1.rewards.scorer import build_scorer
+from tdm_r1.run import build_run
 
 RUN = [
     "train.prompts_per_epoch=2",
@@ -33,7 +36,7 @@ def teacher(tmp_path_factory):
 @pytest.fixture(scope="module")
 def result(teacher, tmp_path_factory):
     cfg = load_config(None, [*TINY, *RUN, f"roles.teacher={teacher}", f"run_dir={tmp_path_factory.mktemp('r')}"])
-    return bench(cfg, ["reference", "fused"], epochs=2, warmup=1)
+    return bench(cfg, ["reference", "fused", "fast"], epochs=2, warmup=1)
 
 
 def test_forward_counts_follow_the_algorithm(result):
@@ -58,8 +61,26 @@ def test_the_paths_train_the_same_model(result):
     agree = result["agreement"]
     assert agree["reward_mean_first_epoch"] == 0.0  # the first rollout has not been trained on yet
     assert agree["loss_gen_first_epoch"] < 1e-5 and agree["loss_fake_first_epoch"] < 1e-5
-    ref, fused = (result["paths"][p]["metrics"] for p in ("reference", "fused"))
-    assert len(ref) == len(fused) == 3  # warm-up + 2 timed epochs, each with its metrics
+    ref, fused, fast = (result["paths"][p]["metrics"] for p in ("reference", "fused", "fast"))
+    assert len(ref) == len(fused) == len(fast) == 3  # warm-up + 2 timed epochs, each with its metrics
+
+
+def test_overlapping_the_rewards_changes_no_number(teacher, tmp_path):
+    """perf.overlap_reward moves the first fake-score update before the last rewards are awaited: the random draws
+    and every update stay in order, so two epochs' metrics are bitwise those of waiting first (peft forwards both)."""
+    rows = {}
+    for overlap in (False, True):
+        sets = [*TINY, *RUN, f"roles.teacher={teacher}", f"run_dir={tmp_path / str(overlap)}"]
+        sets += ["perf.lora_forward=peft", f"perf.overlap_reward={overlap}"]
+        run = build_run(load_config(None, sets), "train")
+        scorer = build_scorer(run.cfg)
+        try:
+            rows[overlap] = [train_epoch(run, scorer, epoch) for epoch in (1, 2)]
+        finally:
+            scorer.close()
+    strip = lambda recs: [{k: v for k, v in r.items() if not k.startswith("sec_")} for r in recs]  # noqa: E731
+    assert strip(rows[True]) == strip(rows[False])
+    assert rows[True][0]["reward_mean"] > 0 and rows[True][1]["loss_sur"] != 0
 
 
 def test_phase_seconds_add_up_to_the_epoch(result):
@@ -102,4 +123,4 @@ def test_recorder_is_a_no_op_when_inactive_and_times_nested_phases_exclusively()
 def test_cli_rejects_an_unknown_path(teacher, tmp_path, capsys):
     sets = [f"--set={s}" for s in [*TINY, *RUN, f"roles.teacher={teacher}", f"run_dir={tmp_path}"]]
     assert main(["bench", "--config", "configs/toy_ocr_r1.yaml", *sets, "--paths", "fastest"]) == 2
-    assert "bench: unknown path(s) ['fastest']; choose from reference, fused" in capsys.readouterr().err
+    assert "bench: unknown path(s) ['fastest']; choose from reference, fused, fast" in capsys.readouterr().err
