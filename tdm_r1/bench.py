@@ -91,19 +91,16 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def forward_flops(run: Run) -> float:
-    """FLOPs of one sample through the generator's forward (torch.utils.flop_counter, batch of one)."""
-    from torch.utils.flop_counter import FlopCounterMode
+def forward_flops(cfg: Config) -> float:
+    """FLOPs of one sample's generator forward, counted on the meta device (tdm_r1.plan.shape_of): torch's flop
+    counter does not see the fused CPU attention kernel, so a count on real CPU tensors would leave attention out."""
+    from pathlib import Path
 
-    roles, world = run.roles, run.world
-    item = world.items("train")[0]
-    cond = roles.generator.encode_prompts([world.prompt(item)])
-    x = torch.zeros((1, *roles.generator.latent_shape(world.height, world.width)))
-    device = next(iter(cond.fields.values())).device
-    x, s = x.to(device), torch.full((1,), 0.5, device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        roles.reference.velocity(x, s, cond)
-    return float(counter.get_total_flops())
+    from tdm_r1.config import is_diffusers
+    from tdm_r1.plan import shape_of
+
+    published = is_diffusers(cfg) and not (Path(cfg.diffusers.path) / "transformer" / "config.json").is_file()
+    return shape_of(cfg, published).forward_flops
 
 
 def run_epoch(run: Run, scorer, epoch: int) -> dict:
@@ -111,6 +108,44 @@ def run_epoch(run: Run, scorer, epoch: int) -> dict:
     rec = train_epoch(run, scorer, epoch)
     run.progress.step = epoch
     return rec
+
+
+def random_init_config(cfg: Config, workdir, micro_batches: int | None = None) -> Config:
+    """`--random-init`: the config's diffusers architecture with random weights and stub text encoders (no starting
+    adapters), at the recipe's per-GPU share in one process: distributed.micro_batch_per_gpu samples per micro-batch
+    (as whole groups of that size) and P x G / N samples per epoch, N the GPUs the recipe's global micro-batch spans.
+    `micro_batches` shortens the epoch to that many micro-batches. Prompt files that do not exist are replaced by
+    generated sign prompts in `workdir` (the shapes are what count)."""
+    import random
+    from pathlib import Path
+
+    from tdm_r1.config import is_diffusers
+
+    if not is_diffusers(cfg):
+        raise ConfigError("bench --random-init builds a diffusers architecture (model.kind sd3 / zimage)")
+    tc = cfg.train
+    per_gpu = cfg.distributed.micro_batch_per_gpu or tc.micro_batch_groups * tc.group_size
+    gpus = max(1, tc.micro_batch_groups * tc.group_size // per_gpu)
+    prompts_per_epoch = micro_batches or max(1, tc.prompts_per_epoch * tc.group_size // gpus // per_gpu)
+    train = dataclasses.replace(tc, group_size=per_gpu, micro_batch_groups=1, prompts_per_epoch=prompts_per_epoch)
+    files = {}
+    for split, n in (("train", 256), ("heldout", 32)):
+        path = getattr(cfg.prompts, split)
+        if not path or not Path(path).is_file():
+            rng = random.Random(split)
+            letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+            words = ["".join(rng.choice(letters) for _ in range(rng.randint(3, 9))) for _ in range(n)]
+            path = Path(workdir) / f"{split}.txt"
+            path.write_text("".join(f'a sign that says "{w}"\n' for w in words))
+        files[split] = str(path)
+    return dataclasses.replace(
+        cfg,
+        diffusers=dataclasses.replace(cfg.diffusers, random_init=True),
+        roles=dataclasses.replace(cfg.roles, generator_init=None, fake_init=None),
+        prompts=dataclasses.replace(cfg.prompts, **files),
+        train=train,
+        distributed=dataclasses.replace(cfg.distributed, micro_batch_per_gpu=0),
+    )
 
 
 def bench(cfg: Config, paths: list[str], epochs: int = 2, warmup: int = 1) -> dict:
@@ -121,7 +156,7 @@ def bench(cfg: Config, paths: list[str], epochs: int = 2, warmup: int = 1) -> di
     if epochs < 1 or warmup < 0:
         raise ConfigError(f"bench: needs epochs >= 1 and warmup >= 0, got {epochs} and {warmup}")
     runs = {p: build_run(dataclasses.replace(cfg, perf=PATHS[p]), "train") for p in paths}
-    flops = forward_flops(runs[paths[0]])
+    flops = forward_flops(runs[paths[0]].cfg)
     scorer = build_scorer(cfg)
     recorders = {p: timing.Recorder() for p in paths}
     walls: dict[str, list[float]] = {p: [] for p in paths}

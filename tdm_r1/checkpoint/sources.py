@@ -60,7 +60,7 @@ def content_id(path: str | Path | None) -> str | None:
 def teacher_id(cfg: Config) -> str:
     """The teacher's identity stored in training states: the checkpoint's sha256, or the folder fingerprint."""
     if is_diffusers(cfg):
-        return folder_fingerprint(cfg.diffusers.path)
+        return f"random-init:{cfg.model.kind}" if cfg.diffusers.random_init else folder_fingerprint(cfg.diffusers.path)
     return file_sha256(cfg.roles.teacher)
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from tdm_r1.checkpoint.export import export_generator
 from tdm_r1.checkpoint.resume import resume_from, resume_run_state, save_run_state, truncate_log
 from tdm_r1.commands.common import add_config_args, add_resume_arg, config_from_teacher, setup_threads
-from tdm_r1.config import Config, save_config
+from tdm_r1.config import Config, ConfigError, save_config
 from tdm_r1.evaluate import (
     baseline_evals,
     eval_items,
@@ -63,6 +63,8 @@ def register(sub) -> None:
 
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_teacher(args)
+    if cfg.diffusers.random_init:
+        raise ConfigError("diffusers.random_init builds untrained weights for `tdm-r1 bench`; train needs real ones")
     setup_threads(cfg)
     train(cfg, resume=args.resume)
     return 0

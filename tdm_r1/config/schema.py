@@ -188,6 +188,9 @@ class DiffusersConfig:
     # Local diffusers folder (model_index.json + component subfolders), e.g. a `huggingface-cli download
     # stabilityai/stable-diffusion-3.5-medium --local-dir ...` copy. Loading never touches the network.
     path: str = ""
+    # Random weights from the configs (diffusers.path's, else the published architecture) and stub text encoders:
+    # for throughput benchmarks (`tdm-r1 bench --random-init`), never for training (tdm_r1/models/random_init.py).
+    random_init: bool = False
     height: int = 512  # image size trained and sampled; latents are height / 8 x width / 8
     width: int = 512
     # Compute dtype of every forward pass; the frozen text encoders and VAE are stored in it.

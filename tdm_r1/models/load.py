@@ -7,7 +7,11 @@ from tdm_r1.models.diffusers_common import DiffusersFlowModel
 
 
 def load_diffusers_model(model_cfg: ModelConfig, cfg: DiffusersConfig) -> DiffusersFlowModel:
-    """The FlowModel for model.kind sd3 / zimage, from cfg.path."""
+    """The FlowModel for model.kind sd3 / zimage, from cfg.path (or with random weights, cfg.random_init)."""
+    if cfg.random_init and model_cfg.kind in ("sd3", "zimage"):
+        from tdm_r1.models.random_init import build_random_model
+
+        return build_random_model(model_cfg, cfg)
     if model_cfg.kind == "sd3":
         from tdm_r1.models.sd3 import load_sd3
 

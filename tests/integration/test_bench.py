@@ -124,3 +124,25 @@ def test_cli_rejects_an_unknown_path(teacher, tmp_path, capsys):
     sets = [f"--set={s}" for s in [*TINY, *RUN, f"roles.teacher={teacher}", f"run_dir={tmp_path}"]]
     assert main(["bench", "--config", "configs/toy_ocr_r1.yaml", *sets, "--paths", "fastest"]) == 2
     assert "bench: unknown path(s) ['fastest']; choose from reference, fused, fast" in capsys.readouterr().err
+
+
+def test_gpu_check_summary_reads_every_step(result, tmp_path):
+    """benchmarks/gpu_summary.py (the table gpu_check.sh prints) over a bench result and a kernel row."""
+    import importlib.util
+    from pathlib import Path
+
+    write_results(result, tmp_path / "sd35m_ocr")
+    (tmp_path / "steps.tsv").write_text("tests\t0\t41\nsd35m_ocr\t0\t77\n")
+    row = {"op": "sampler_step", "provider": "triton", "mode": "fwd", "n": 786432, "gbps": 2500.0, "pct_of_copy": 81.0,
+           "speedup_vs_reference": 3.2}  # fmt: skip
+    (tmp_path / "kernels.json").write_text(json.dumps([row, row | {"provider": "reference", "gbps": 700.0}]))
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_summary.py"
+    spec = importlib.util.spec_from_file_location("gpu_summary", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.summary(tmp_path)
+    assert "| tests | 0 | 41 |" in text and "| sampler_step fwd | 786432 | 2500 | 81 | 3.20 |" in text
+    assert "reference" not in text.split("| kernel")[1].split("| recipe")[0]  # triton rows only
+    for name in ("reference", "fused", "fast"):
+        epoch = result["paths"][name]["epoch_s"]
+        assert f"| sd35m_ocr | {name} | {epoch:.1f} |" in text
