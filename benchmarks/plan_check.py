@@ -62,13 +62,14 @@ def build_folder(path: Path, dim: int, layers: int) -> int:
     return sum(p.numel() for p in transformer.parameters())
 
 
-def write_config(d: Path, folder: Path, mode: str) -> Path:
+def write_config(d: Path, folder: Path, mode: str, group_size: int, prefetch: int) -> Path:
     tiny = _tiny_models()
     cfg = tiny.train_config(
-        d, "zimage", folder, d / "run", {"group_size": 4},
+        d, "zimage", folder, d / "run", {"group_size": group_size},
         diffusers={"height": 32, "width": 32, "max_sequence_length": 48},
         roles={"mode": mode, "lora_rank": 16, "lora_alpha": 16.0},
-        distributed={"zero_stage": 3, "bf16": False, "param_persistence_threshold": 0},
+        distributed={"zero_stage": 3, "bf16": False, "param_persistence_threshold": 0,
+                     "prefetch_bucket_size": prefetch},
     )  # fmt: skip
     path = d / "plan_check.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -105,6 +106,11 @@ def worker(config: str, out: str) -> None:
 
     torch.set_num_threads(1)
     cfg = load_config(config, [])
+    import deepspeed  # noqa: F401  -- the libraries a run imports, resident before the baseline is read
+    import diffusers  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
     _reset_peak()
     before = _status("VmRSS")
     run = build_run(cfg)
@@ -118,20 +124,26 @@ def worker(config: str, out: str) -> None:
     scorer.close()
     advantage_phase(batch, tc, dist)
     mb = micro_batches(batch)[0]
+    phases = {"rollout": _status("VmHWM") - before}
     fake_score_backward(roles.fake, roles.reference, mb.cond, mb.traj, 0, cfg.tdm, gen, 1.0, mb.shard)
+    phases["fake"] = _status("VmHWM") - before
     surrogate_backward(roles, mb, 1, tc, cfg.tdm, gen, 1.0, dist)
+    phases["surrogate"] = _status("VmHWM") - before
     generator_backward(roles, mb, 0, tc, cfg.tdm, gen, 1.0)
+    phases["generator"] = _status("VmHWM") - before
     held = distributed.memory_bytes(roles)
     for engine in set(run.opts.values()):
         engine.step()
     after = distributed.memory_bytes(roles)
     peak = _status("VmHWM")
+    phases["step"] = peak - before
     rec = {
         "rank": dist.rank,
         "rss_before_load": before,
         "rss_after_build": built,
         "peak": peak,
         "measured": peak - before,
+        "peak_after": phases,
         "bytes": held | {k: after[k] for k in ("optim", "whole_optim")},
     }
     rows = dist.all_gather_object(rec) if hasattr(dist, "all_gather_object") else None
@@ -152,6 +164,8 @@ def main() -> None:
     ap.add_argument("--mode", choices=["lora", "full"], default="lora")
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--group-size", type=int, default=4, help="samples of the one micro-batch (half per rank)")
+    ap.add_argument("--prefetch", type=int, default=50_000_000, help="distributed.prefetch_bucket_size")
     ap.add_argument("--worker", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -165,9 +179,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="plan_check_") as tmp:
         d = Path(tmp)
         n_params = build_folder(d / "zimage", args.dim, args.layers)
-        config = write_config(d, d / "zimage", args.mode)
+        config = write_config(d, d / "zimage", args.mode, args.group_size, args.prefetch)
         out = d / "ranks.json"
         env = os.environ | {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(ROOT / "build" / "torch_extensions")}
+        # allocations of 64 KiB and more straight from mmap, returned at free: resident memory then follows the live
+        # tensors instead of what glibc's arenas keep after a free
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                __file__, "--worker", str(config), str(out)]  # fmt: skip
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
@@ -191,7 +208,7 @@ def main() -> None:
         "ranks": ranks,
         "ratio_predicted_measured": [predicted_total / r["measured"] for r in ranks],
     }
-    path = ROOT / "benchmarks" / "results" / f"plan_check_{args.mode}.json"
+    path = ROOT / "benchmarks" / "results" / f"plan_check_{args.mode}_g{args.group_size}_p{args.prefetch}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
 

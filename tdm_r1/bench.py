@@ -12,8 +12,9 @@ Paths (each a set of `perf:` settings; all train the same model up to float roun
 
 Per path: wall seconds per epoch and per phase (`tdm_r1.timing`), images per second, model forward-equivalents per
 image counted in the roles (forwards + 2 x forwards with autograd), FLOPs from torch.utils.flop_counter (one forward
-measured, times the counted forward-equivalents), on CUDA TFLOP/s and MFU, the reward's seconds on its own thread and
-how many of them the sampling hid, peak memory, and each epoch's training metrics (the paths agree to rounding).
+counted on the meta device, times the counted forward-equivalents), on CUDA TFLOP/s and MFU, the reward's seconds on
+its own thread and how many of them the sampling hid, peak memory, and each epoch's training metrics (the paths agree
+to rounding).
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ def path_result(rec: timing.Recorder, walls: list[float], metrics: list[dict], i
     phases["other"] = max(0.0, epoch_s - sum(phases.values()))
     fe = rec.forward_equivalents() / (n * images)
     reward_s = rec.background.get("reward", 0.0) / n
+    hidden = max(0.0, reward_s - phases.get("reward_wait", 0.0))
     out = {
         "epoch_s": epoch_s,
         "epoch_s_each": walls,
@@ -208,7 +210,8 @@ def path_result(rec: timing.Recorder, walls: list[float], metrics: list[dict], i
         "grad_forwards_per_image": {k: v / (n * images) for k, v in rec.grad_forwards.items() if v},
         "phases": {k: phases.get(k, 0.0) for k in PHASES},
         "reward_s": reward_s,
-        "reward_hidden_s": max(0.0, reward_s - phases.get("reward_wait", 0.0)),
+        "reward_hidden_s": hidden,
+        "reward_hidden_pct": 100.0 * hidden / reward_s if reward_s else None,
         "flops_per_epoch": fe * images * flops,
         "achieved_tflops": fe * images * flops / epoch_s / 1e12,
         "peak_memory_bytes": _peak_memory(),
@@ -276,6 +279,7 @@ def markdown_table(result: dict) -> str:
         ("forward-equivalents / image", lambda r: f"{r['forward_equivalents_per_image']:.1f}"),
         ("achieved TFLOP/s", lambda r: f"{r['achieved_tflops']:.4f}"),
         ("reward on its thread (hidden) s", lambda r: f"{r['reward_s']:.2f} ({r['reward_hidden_s']:.2f})"),
+        ("reward hidden %", lambda r: "-" if r["reward_hidden_pct"] is None else f"{r['reward_hidden_pct']:.0f}"),
     ]
     for label, fmt in rows:
         lines.append(f"| {label} | " + " | ".join(fmt(paths[p]) for p in names) + " |")

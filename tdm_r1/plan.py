@@ -5,17 +5,25 @@ Parameter counts are exact: the transformer is built on the meta device from its
 `transformer/config.json`, or the published architecture with `published=True`; the toy from `model:`), and the
 VAE and text encoders are counted from their folders' safetensors headers. A forward's FLOPs are counted by
 torch.utils.flop_counter over one sample's forward on the meta device (the ops' shapes, no arithmetic); an epoch's
-are that times the forward-equivalents DESIGN section 5 prescribes per image and phase. Bytes per parameter (AdamW):
-  weights: 2 (bf16) or 4 (fp32) for every role's copy (lora: one base + 5 adapters; full: 6 copies);
-  gradients: 4 per trainable parameter (fp32 accumulation; 2 in bf16 without DeepSpeed's fp32 master);
-  optimizer: 8 (Adam m, v) + 4 fp32 master where weights are 16-bit.
-ZeRO stage 3 divides weights, gradients and optimizer states by the world size, stage 2 the last two, stage 1 the
-optimizer. Not partitioned, per GPU: the parameters a stage-3 forward holds gathered (DeepSpeed keeps up to
-distributed.max_live_parameters of them live and re-gathers nothing reused within max_reuse_distance: with the
-defaults a whole model), the VAE, activations of one differentiable forward over the per-GPU micro-batch, and on
-CUDA ~2 GB of context and allocator slack. Activations per sample (Korthikanti et al. 2022, flash / SDPA so no
-tokens^2 term): with gradient checkpointing blocks x tokens x width x b + 17 x b x tokens x width (one block
-recomputed), without it 17 x b x blocks x tokens x width, b = bytes per activation element.
+are that times the forward-equivalents DESIGN section 5 prescribes per image and phase.
+
+Memory per GPU, bytes (b = 2 for bf16 / fp16 weights, 4 for fp32):
+  weights      b per parameter of every role's copy (lora: one base + 5 adapters; full: 6 models)
+  gradients    4 per trainable parameter (fp32 accumulation over the epoch)
+  optimizer    8 (Adam m, v) + 4 (DeepSpeed's fp32 partition; the fp32 master of 16-bit weights) per trainable one
+  ZeRO stage 3 divides the weights, 2 and up the gradients, 1 and up the optimizer states, by the world size
+  gathered     stage 3: whole copies of the parameters a forward gathers, kept while reused within
+               distributed.max_reuse_distance (the default: all of them): one base (lora), four models (full: the
+               generator phase runs generator, reference, fake and surrogate), each at most max_live_parameters
+  gather buffers  stage 3: 3 x prefetch_bucket_size parameters (measured)
+  activations  what one differentiable forward saves per sample, counted on the meta device with attention as a
+               fused kernel saves it (q, k, v, output), times the per-GPU micro-batch; with gradient checkpointing
+               every block's input plus one block's saved tensors
+  backward work   a third of the activations (measured: gradients of the block being differentiated)
+  VAE, and on CUDA ~2 GB of context and allocator slack; text encoders are reported as the encode-phase peak (they
+  leave the GPU afterwards) and are resident on CPU runs.
+The constants marked measured come from benchmarks/plan_check.py (2 CPU ranks, ZeRO-3, a ~200M-parameter
+Z-Image-shaped model); docs/benchmarks.md has its predicted-vs-measured table.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from tdm_r1.config import Config, ConfigError, is_diffusers
 from tdm_r1.models import published as arch
@@ -36,6 +45,12 @@ GPUS = {"h100": (80.0, 989.0), "h200": (141.0, 989.0), "a100": (80.0, 312.0), "l
 CONTEXT_B = 2 * GB  # CUDA context + allocator slack per GPU
 # Used when no --mfu is given, and labelled "assumed" in every plan: measure one with `tdm-r1 bench` on the card.
 MFU_ASSUMED = 0.3
+# Measured on a 2-rank CPU ZeRO-3 run (benchmarks/plan_check.py, docs/benchmarks.md): the peak grows by 3 prefetch
+# buckets of parameters (DeepSpeed's flat gather buffer, the collective's copy, the next bucket prefetched) and by a
+# third of the saved activations (the gradients of the block being differentiated, beside its saved tensors).
+GATHER_BUFFERS = 3
+GATHERED_FULL_ROLES = 4
+BACKWARD_WORK = 1 / 3
 ZIMAGE_CAPTION_TOKENS = 128  # a typical chat-templated caption (Z-Image drops the padding before its transformer)
 
 
@@ -53,6 +68,7 @@ class Shape:
     vae: int
     text: int
     forward_flops: float  # one sample's transformer forward
+    activation_bytes: int = 0  # what one sample's differentiable forward saves for its backward, in fp32
 
 
 def _count(m: torch.nn.Module) -> int:
@@ -88,9 +104,57 @@ def _counted_flops(forward) -> float:
     """FLOPs of forward() on meta tensors, counted by torch.utils.flop_counter from the ops' shapes."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        forward()
+    with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        forward()  # under the meta device too: tensors a model builds lazily (rotary tables) must not be real
     return float(counter.get_total_flops())
+
+
+class _FusedAttention(torch.autograd.Function):
+    """scaled_dot_product_attention while saved activations are counted: it saves what a fused (flash / memory-
+    efficient) kernel keeps, q, k, v and the output, not the tokens^2 probabilities of the math path meta tensors would
+    otherwise take."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attend):
+        out = attend()
+        ctx.save_for_backward(q, k, v, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: the count needs the forward only
+        raise NotImplementedError
+
+
+def saved_activation_bytes(model: torch.nn.Module, forward, grad_input: Tensor) -> int:
+    """Bytes autograd saves for the backward of forward() (parameters excluded, each storage once), with the model's
+    parameters frozen and `grad_input` requiring grad: what a LoRA role's differentiable forward keeps (full mode keeps
+    the same inputs for its weight gradients). Attention counts as a fused kernel's. Works on the meta device."""
+    import torch.nn.functional as F
+
+    sdpa = F.scaled_dot_product_attention
+
+    def attention(query, key, value, *args, **kwargs):  # the names callers pass them by
+        q, k, v = query.detach(), key.detach(), value.detach()
+        return _FusedAttention.apply(query, key, value, lambda: sdpa(q, k, v, *args, **kwargs))
+
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in params:
+            seen[storage._cdata] = storage.nbytes()
+        return t
+
+    model.requires_grad_(False)
+    grad_input.requires_grad_(True)
+    F.scaled_dot_product_attention = attention
+    try:
+        with torch.device(grad_input.device), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            forward()
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    return sum(seen.values())
 
 
 def shape_of(cfg: Config, published: bool = False) -> Shape:
@@ -108,7 +172,8 @@ def shape_of(cfg: Config, published: bool = False) -> Shape:
         block = max(_count(b) for b in m.blocks)
         lora, lora_s = (_lora_count(m, rc.lora_targets, r) for r in (rc.lora_rank, sur_rank))
         flops = _counted_flops(lambda: m(x, s, tokens))
-        return Shape(_count(m), lora, lora_s, block, cfg.model.depth, cfg.model.dim, n_tokens, 0, 0, flops)
+        act = saved_activation_bytes(m, lambda: m(x, s, tokens), x)
+        return Shape(_count(m), lora, lora_s, block, cfg.model.depth, cfg.model.dim, n_tokens, 0, 0, flops, act)
     return _diffusers_shape(cfg, published, sur_rank)
 
 
@@ -151,15 +216,19 @@ def _diffusers_shape(cfg: Config, published: bool, sur_rank: int) -> Shape:
                 timestep=torch.zeros(1),
             )
             forward = lambda: m(**args, return_dict=False)  # noqa: E731
+            grad_input = args["hidden_states"]
         else:  # only a caption's real tokens reach Z-Image's transformer: a typical caption's, at most the maximum
             text_tokens = min(dc.max_sequence_length or 512, ZIMAGE_CAPTION_TOKENS)
             latents = [torch.zeros(config["in_channels"], 1, h, w)]
             captions = [torch.zeros(text_tokens, config["cap_feat_dim"])]
             forward = lambda: m(latents, torch.zeros(1), captions, return_dict=False)  # noqa: E731
+            grad_input = latents[0]
     tokens = (h // patch) * (w // patch) + text_tokens
     lora, lora_s = (_lora_count(m, rc.lora_targets, r, "transformer.") for r in (rc.lora_rank, sur_rank))
+    flops = _counted_flops(forward)
+    act = saved_activation_bytes(m, forward, grad_input)  # without checkpointing (memory() divides it by blocks)
     return Shape(_count(m), lora, lora_s, max(_count(b) for b in blocks), len(blocks), width, tokens, vae, text,
-                 _counted_flops(forward))  # fmt: skip
+                 flops, act)  # fmt: skip
 
 
 @dataclass
@@ -175,6 +244,7 @@ class Setup:
     offload_optimizer: bool
     max_live: int  # stage 3: gathered parameters kept live (elements)
     cuda: bool
+    prefetch: int = 50_000_000  # stage 3: distributed.prefetch_bucket_size (elements)
 
 
 def setup_of(cfg: Config, gpus: int, cuda: bool = True) -> Setup:
@@ -187,7 +257,18 @@ def setup_of(cfg: Config, gpus: int, cuda: bool = True) -> Setup:
         wb = 2
     mb = max(1, tc.micro_batch_groups * tc.group_size // gpus)
     stage = d.zero_stage if gpus > 1 else 0
-    return Setup(gpus, cfg.roles.mode, stage, mb, wb, ckpt, d.offload_optimizer, d.max_live_parameters, cuda)
+    return Setup(
+        gpus,
+        cfg.roles.mode,
+        stage,
+        mb,
+        wb,
+        ckpt,
+        d.offload_optimizer,
+        d.max_live_parameters,
+        cuda,
+        d.prefetch_bucket_size,
+    )
 
 
 def memory(shape: Shape, s: Setup) -> dict[str, float]:
@@ -201,21 +282,27 @@ def memory(shape: Shape, s: Setup) -> dict[str, float]:
         weights = 6 * s.weight_bytes * shape.params
         model = shape.params
     grad_b = 4
-    opt_b = 8 + (4 if s.weight_bytes == 2 else 0)
+    # Adam's two moments, and DeepSpeed's fp32 partition of the weights (kept at any stage >= 1, also for fp32 weights;
+    # measured) or the fp32 master of 16-bit weights without it
+    opt_b = 8 + (4 if s.weight_bytes == 2 or s.zero_stage >= 1 else 0)
     n = s.gpus
     out = {
         "weights": weights / (n if s.zero_stage >= 3 else 1),
         "gradients": grad_b * trainable / (n if s.zero_stage >= 2 else 1),
         "optimizer": 0.0 if s.offload_optimizer else opt_b * trainable / (n if s.zero_stage >= 1 else 1),
     }
-    out["gathered"] = s.weight_bytes * min(model, s.max_live) * (n - 1) / n if s.zero_stage >= 3 else 0.0
+    # A gathered parameter is a whole copy beside the rank's own partition, and stays gathered while it is used again
+    # within max_reuse_distance: one base in lora mode; in full mode every role the generator phase runs (generator,
+    # reference, fake, surrogate) is its own model, each up to max_live of it.
+    copies = 1 if s.mode == "lora" else GATHERED_FULL_ROLES
+    out["gathered"] = copies * s.weight_bytes * min(model, s.max_live) if s.zero_stage >= 3 else 0.0
     act_b = s.weight_bytes
-    per_sample = (
-        shape.blocks * shape.tokens * shape.width * act_b + 17 * act_b * shape.tokens * shape.width
-        if s.checkpointing
-        else 17 * act_b * shape.blocks * shape.tokens * shape.width
-    )
+    saved = shape.activation_bytes * act_b / 4  # counted in fp32
+    # checkpointing keeps each block's input and recomputes one block at a time in the backward
+    per_sample = shape.blocks * shape.tokens * shape.width * act_b + saved / shape.blocks if s.checkpointing else saved
+    out["gather_buffers"] = GATHER_BUFFERS * s.weight_bytes * min(s.prefetch, model) if s.zero_stage >= 3 else 0.0
     out["activations"] = float(s.micro_batch * per_sample)
+    out["backward_work"] = BACKWARD_WORK * out["activations"]
     out["vae"] = float(s.weight_bytes * shape.vae)
     out["context"] = float(CONTEXT_B if s.cuda else 0)
     out["total"] = sum(out.values())

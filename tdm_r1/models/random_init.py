@@ -39,12 +39,14 @@ class _StubPipe:
 
 
 class RandomSD3(SD3FlowModel):
+    clip_tokens = 77  # CLIP's sequence (the folder's tokenizer_max_length when it has a tokenizer)
+
     def _text_encoders(self) -> list[nn.Module]:
         return []
 
     def _encode(self, prompts: list[str], device: torch.device) -> dict[str, Tensor]:
         c = self.transformer.config
-        n_tokens = 77 + self.max_sequence_length  # CLIP tokens, then T5 tokens
+        n_tokens = self.clip_tokens + self.max_sequence_length  # CLIP tokens, then T5 tokens
         embeds = torch.stack([_prompt_randn(p, (n_tokens, c.joint_attention_dim)) for p in prompts])
         pooled = torch.stack([_prompt_randn(p + "\0pooled", (c.pooled_projection_dim,)) for p in prompts])
         return {"prompt_embeds": embeds.to(device, self.compute_dtype), "pooled": pooled.to(device, self.compute_dtype)}
@@ -84,4 +86,8 @@ def build_random_model(model_cfg: ModelConfig, cfg: DiffusersConfig) -> Diffuser
     with torch.device(device):
         transformer = t_cls.from_config(_config(folder, "transformer", published.TRANSFORMER[kind])).to(param_dtype)
         vae = AutoencoderKL.from_config(_config(folder, "vae", published.VAE[kind])).to(DTYPES[cfg.dtype])
-    return m_cls(transformer, _StubPipe(vae.eval().requires_grad_(False)), cfg, folder)
+    model = m_cls(transformer, _StubPipe(vae.eval().requires_grad_(False)), cfg, folder)
+    tokenizer = folder / "tokenizer" / "tokenizer_config.json"
+    if kind == "sd3" and tokenizer.is_file():
+        model.clip_tokens = int(json.loads(tokenizer.read_text()).get("model_max_length", 77))
+    return model

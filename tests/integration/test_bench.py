@@ -89,6 +89,7 @@ def test_phase_seconds_add_up_to_the_epoch(result):
         assert sum(r["phases"].values()) == pytest.approx(r["epoch_s"], rel=1e-6)
         assert r["images_per_s"] == pytest.approx(6 / r["epoch_s"]) and len(r["epoch_s_each"]) == 2
         assert r["reward_s"] > 0 and 0 <= r["reward_hidden_s"] <= r["reward_s"]
+        assert r["reward_hidden_pct"] == pytest.approx(100 * r["reward_hidden_s"] / r["reward_s"])
     assert result["ratios"]["reference/fused"] == pytest.approx(
         result["paths"]["reference"]["epoch_s"] / result["paths"]["fused"]["epoch_s"]
     )

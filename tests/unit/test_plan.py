@@ -12,7 +12,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from tdm_r1.cli import main
 from tdm_r1.config import RolesConfig, load_config
 from tdm_r1.models.tiny_dit import build_tiny_dit
-from tdm_r1.plan import GB, Setup, Shape, flops_per_epoch, memory, setup_of, shape_of, suggestions
+from tdm_r1.plan import (
+    GB,
+    Setup,
+    Shape,
+    flops_per_epoch,
+    memory,
+    saved_activation_bytes,
+    setup_of,
+    shape_of,
+    suggestions,
+)
 from tdm_r1.roles import build_roles
 
 SMALL = ["model.dim=32", "model.depth=2", "model.heads=2", "model.text_layers=1", "roles.lora_rank=4"]
@@ -38,16 +48,20 @@ def test_toy_counts_equal_the_built_model():
     d, text, joint = cfg.model.dim, cfg.model.text_len + 1, cfg.model.text_len + 1 + 4 * 16
     attention = 4 * d * (cfg.model.text_layers * text**2 + cfg.model.depth * joint**2)  # Q K^T and A V, 2 flops a MAC
     assert shape.forward_flops == counter.get_total_flops() + attention
+    # the activations one differentiable forward keeps: counted on the meta device as on real tensors
+    x = torch.zeros(1, 1, 16, 64)
+    real = saved_activation_bytes(model, lambda: model.velocity(x, torch.full((1,), 0.5), cond), x)
+    assert shape.activation_bytes == real > 0
 
 
 def _shape() -> Shape:
     return Shape(params=1000, lora=10, lora_surrogate=5, gathered_block=100, blocks=4, width=8, tokens=16, vae=50,
-                 text=300, forward_flops=1e6)  # fmt: skip
+                 text=300, forward_flops=1e6, activation_bytes=4000)  # fmt: skip
 
 
 def _setup(**kw) -> Setup:
     base = dict(gpus=4, mode="lora", zero_stage=3, micro_batch=2, weight_bytes=2, checkpointing=True,
-                offload_optimizer=False, max_live=10**9, cuda=True)  # fmt: skip
+                offload_optimizer=False, max_live=10**9, cuda=True, prefetch=300)  # fmt: skip
     return Setup(**(base | kw))
 
 
@@ -57,11 +71,15 @@ def test_memory_by_hand_lora_zero3_bf16():
     assert m["weights"] == 2 * (1000 + 30 + 10) / 4
     trainable = 2 * 10 + 5  # generator, fake, surrogate
     assert m["gradients"] == 4 * trainable / 4
-    assert m["optimizer"] == (8 + 4) * trainable / 4  # Adam moments + fp32 master of bf16 weights
-    assert m["gathered"] == 2 * 1000 * 3 / 4  # the whole model gathered, less this rank's own quarter
-    assert m["activations"] == 2 * (4 * 16 * 8 * 2 + 17 * 2 * 16 * 8)
+    assert m["optimizer"] == (8 + 4) * trainable / 4  # Adam moments + DeepSpeed's fp32 partition
+    assert m["gathered"] == 2 * 1000  # the whole model gathered, beside this rank's own partition
+    assert m["gather_buffers"] == 3 * 2 * 300  # three prefetch buckets of bf16 parameters
+    # checkpointing: every block's bf16 input, plus one block's saved tensors (4000 B counted in fp32 -> 2000 in bf16)
+    assert m["activations"] == 2 * (4 * 16 * 8 * 2 + 2000 / 4)
+    assert m["backward_work"] == m["activations"] / 3
     assert m["vae"] == 100 and m["context"] == 2 * GB and m["text_encoders"] == 600
-    parts = ("weights", "gradients", "optimizer", "gathered", "activations", "vae", "context")
+    parts = ("weights", "gradients", "optimizer", "gathered", "gather_buffers", "activations", "backward_work", "vae",
+             "context")  # fmt: skip
     assert m["total"] == sum(m[k] for k in parts)
 
 
@@ -69,8 +87,8 @@ def test_memory_by_hand_full_one_process_fp32():
     m = memory(_shape(), _setup(gpus=1, mode="full", zero_stage=0, weight_bytes=4, checkpointing=False, cuda=False))
     assert m["weights"] == 6 * 4 * 1000  # 3 trainable roles, 2 shadows, the reference
     assert m["gradients"] == 4 * 3000 and m["optimizer"] == 8 * 3000  # no separate master for fp32 weights
-    assert m["gathered"] == 0 and m["context"] == 0
-    assert m["activations"] == 2 * 17 * 4 * 4 * 16 * 8
+    assert m["gathered"] == 0 and m["gather_buffers"] == 0 and m["context"] == 0
+    assert m["activations"] == 2 * 4000  # every saved tensor, fp32
 
 
 @pytest.mark.parametrize(("stage", "divided"), [(0, ()), (1, ("optimizer",)), (2, ("optimizer", "gradients")),
