@@ -143,7 +143,7 @@ def test_gpu_check_summary_reads_every_step(result, tmp_path):
     spec.loader.exec_module(mod)
     text = mod.summary(tmp_path)
     assert "| tests | 0 | 41 |" in text and "| sampler_step fwd | 786432 | 2500 | 81 | 3.20 |" in text
-    assert "reference" not in text.split("| kernel")[1].split("| recipe")[0]  # triton rows only
+    assert text.count("| sampler_step fwd |") == 1  # the triton row only
     for name in ("reference", "fused", "fast"):
         epoch = result["paths"][name]["epoch_s"]
         assert f"| sd35m_ocr | {name} | {epoch:.1f} |" in text
