@@ -27,3 +27,14 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-4, clip
     adv = (r0 - means[groups]) / (std + eps)
     adv = torch.where(ok, adv.clamp(-clip, clip), torch.zeros_like(adv))
     return adv.float()
+
+
+def per_reward_advantages(parts: Tensor, weights: list[float], group_ids: Tensor, eps: float, clip: float) -> Tensor:
+    """train.reward_combine=per_reward: each reward's group advantages (its own scale normalised away), then their
+    weighted sum. A sample any reward failed on is excluded from every reward's statistics and gets 0."""
+    failed = ~torch.isfinite(parts).all(dim=1)
+    adv = torch.zeros(parts.shape[0])
+    for r, w in enumerate(weights):
+        col = torch.where(failed, torch.nan, parts[:, r])
+        adv += w * group_advantages(col, group_ids, eps, clip)
+    return adv

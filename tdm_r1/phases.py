@@ -21,13 +21,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from tdm_r1.advantages import group_advantages
+from tdm_r1.advantages import group_advantages, per_reward_advantages
 from tdm_r1.config import Config, TDMConfig, TrainConfig
 from tdm_r1.distributed import LOCAL, Dist, Split
 from tdm_r1.models.base import Cond
 from tdm_r1.optim import optimizer_step, update_shadow
 from tdm_r1.rewards.base import RewardFailureError
-from tdm_r1.rewards.scorer import RewardScorer
+from tdm_r1.rewards.scorer import RewardScorer, combine_sum
 from tdm_r1.roles import Roles
 from tdm_r1.sampling import Trajectory, rollout
 from tdm_r1.timing import phase
@@ -86,6 +86,7 @@ def rollout_phase(
     traj = Trajectory(torch.cat([t.xs for t in trajs], 1), trajs[0].s, torch.cat([t.v for t in trajs], 1))
     nan = torch.full((traj.xs.shape[1],), math.nan)
     batch = Batch(items_rep, prompts, cond, traj, group_ids, nan, torch.zeros_like(nan), split=split, pending=futures)
+    batch.reward_names, batch.reward_weights = scorer.names, scorer.weights
     if wait:
         collect_rewards(batch)
     return batch
@@ -96,8 +97,9 @@ def collect_rewards(batch: Batch) -> None:
     if batch.pending is None:
         return
     with phase("reward_wait"):
-        batch.rewards = torch.cat([f.result() for f in batch.pending])
-    batch.pending = None
+        parts = torch.cat([f.result() for f in batch.pending])
+    batch.reward_parts, batch.pending = parts, None
+    batch.rewards = combine_sum(parts, batch.reward_weights)
 
 
 def train_epoch(run, scorer: RewardScorer, epoch: int) -> dict[str, float]:
@@ -147,17 +149,29 @@ def _advantages(batch: Batch, tc: TrainConfig, dist: Dist) -> dict[str, float]:
             f"{failed} of {rewards.numel()} samples could not be scored ({rate:.0%} > "
             f"train.max_reward_failure={tc.max_reward_failure:.0%})"
         )
-    adv = group_advantages(rewards, dist.gather_rows(batch.group_ids, batch.split), tc.adv_eps, tc.adv_clip)
+    group_ids = dist.gather_rows(batch.group_ids, batch.split)
+    parts = None if batch.reward_parts is None else dist.gather_rows(batch.reward_parts, batch.split)
+    if tc.reward_combine == "per_reward" and parts is not None and parts.shape[1] > 1:
+        adv = per_reward_advantages(parts, batch.reward_weights, group_ids, tc.adv_eps, tc.adv_clip)
+    else:
+        adv = group_advantages(rewards, group_ids, tc.adv_eps, tc.adv_clip)
     batch.adv = batch.split.take(adv)
     ok = ~torch.isnan(rewards)
     r = rewards[ok]
-    return {
+    out = {
         "reward_mean": float(r.mean()) if ok.any() else math.nan,
         "reward_std": float(r.std(unbiased=False)) if ok.sum() > 1 else 0.0,
         "reward_exact": float((r == 1.0).float().mean()) if ok.any() else math.nan,
         "reward_failed": failed,
         "adv_abs_mean": float(adv.abs().mean()),
     }
+    if parts is not None and parts.shape[1] > 1:  # every reward's own statistics
+        for name, col in zip(batch.reward_names, parts.unbind(1), strict=True):
+            good = col[torch.isfinite(col)]
+            out[f"reward_{name}_mean"] = float(good.mean()) if good.numel() else math.nan
+            out[f"reward_{name}_std"] = float(good.std(unbiased=False)) if good.numel() > 1 else 0.0
+            out[f"reward_{name}_failed"] = int(col.numel() - good.numel())
+    return out
 
 
 # -- 4. the update loop over stored micro-batches -------------------------------------------------------

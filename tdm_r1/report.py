@@ -75,6 +75,10 @@ def plot_curves(metrics: list[dict], path: str | Path, extra_points: list[tuple[
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ep = [m["epoch"] for m in metrics]
     ax.plot(ep, [m["reward_mean"] for m in metrics], label="train reward (rollouts)", lw=1)
+    # several rewards: each one's own mean beside their weighted sum
+    names = sorted({k for m in metrics for k in m if k.startswith("reward_") and k.endswith("_mean")} - {"reward_mean"})
+    for key in names:
+        ax.plot(ep, [m.get(key, math.nan) for m in metrics], "--", lw=0.8, label=key.removesuffix("_mean"))
     metric = "ocr" if any("heldout_ocr_mean" in m for m in metrics) else "reward"
     ev = [(m["epoch"], m[f"heldout_{metric}_mean"]) for m in metrics if f"heldout_{metric}_mean" in m]
     ev = sorted(dict([*ev, *extra_points]).items())

@@ -75,6 +75,9 @@ class Batch:
     split: Split | None = None  # an epoch: which of the P x G samples this rank holds
     shard: Shard | None = None  # a micro-batch: its rows of the global micro-batch, for which draws are made
     pending: list | None = None  # an epoch: the scorer's futures not yet collected (rewards NaN until then)
+    reward_parts: Tensor | None = None  # an epoch: [N, R] every reward's scores (rewards = their weighted sum)
+    reward_names: list[str] | None = None
+    reward_weights: list[float] | None = None
 
     @classmethod
     def of_rollout(cls, prompts: list[str], cond: Cond, traj: Trajectory) -> Batch:

@@ -250,6 +250,10 @@ class TrainConfig:
     micro_batch_groups: int = 4  # whole prompt groups per stored micro-batch
     optimizer_steps_per_epoch: int = 1  # gradients accumulate over the epoch by default
     rewards: list[RewardTermConfig] = field(default_factory=lambda: [RewardTermConfig()])
+    # How several rewards make one advantage: `sum` weights the scores, then normalises per group (DESIGN 5.3);
+    # `per_reward` normalises each reward per group, then weights the advantages, so a reward with a larger scale or
+    # spread does not drown the others.
+    reward_combine: Literal["sum", "per_reward"] = "sum"
     max_reward_failure: float = 0.2  # fraction of NaN rewards in an epoch that stops the run (after a checkpoint)
     adv_eps: float = 1e-4  # A = (r - group mean) / (epoch std + adv_eps)
     adv_clip: float = 5.0

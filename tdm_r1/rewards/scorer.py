@@ -1,5 +1,5 @@
-"""A run's rewards: the weighted sum of its train.rewards entries, scored off the training thread; and the reward a
-toy run is evaluated with (OCR)."""
+"""A run's rewards: its train.rewards entries scored off the training thread (one column per entry; the trainer
+combines them, train.reward_combine); and the reward a toy run is evaluated with (OCR)."""
 
 from __future__ import annotations
 
@@ -18,16 +18,35 @@ log = logging.getLogger(__name__)
 
 
 class RewardScorer:
-    """Weighted sum of rewards, computed on a worker thread so OCR of one chunk overlaps sampling the next. Called
-    directly, it is that sum as one Reward (evaluation)."""
+    """A run's rewards, scored on a worker thread so OCR of one chunk overlaps sampling the next: `submit` gives each
+    reward's scores as one column ([N, R], NaN where a reward failed). Called directly, it is their weighted sum as
+    one Reward (evaluation)."""
 
     def __init__(self, rewards: list[tuple[Reward, float]]):
         self.rewards = rewards
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
 
+    @property
+    def names(self) -> list[str]:
+        """One name per reward, as metrics key them (a repeated name gets its position: ocr, ocr_2)."""
+        out: list[str] = []
+        for reward, _ in self.rewards:
+            name = str(getattr(reward, "name", type(reward).__name__))
+            out.append(name if name not in out else f"{name}_{len(out) + 1}")
+        return out
+
+    @property
+    def weights(self) -> list[float]:
+        return [float(w) for _, w in self.rewards]
+
     def __call__(self, images: Tensor, prompts: list[str], targets: list[dict]) -> Tensor:
+        return combine_sum(self.parts(images, prompts, targets), self.weights)
+
+    def parts(self, images: Tensor, prompts: list[str], targets: list[dict]) -> Tensor:
+        """[N, R]: every reward's scores (NaN for the samples of a reward that failed on them)."""
         total = torch.zeros(images.shape[0])
-        for reward, weight in self.rewards:
+        columns = []
+        for reward, _ in self.rewards:
             try:
                 scores = score_images(reward, images, prompts, targets)
                 if scores.shape != total.shape:
@@ -41,21 +60,30 @@ class RewardScorer:
                     e,
                 )
                 scores = torch.full_like(total, float("nan"))
-            total += weight * scores
-        return total
+            columns.append(scores.float())
+        return torch.stack(columns, dim=1)
 
     def submit(self, images: Tensor, prompts: list[str], targets: list[dict]) -> Future:
+        """A future of `parts` for these samples."""
         return self.pool.submit(self._timed, images.detach().cpu(), list(prompts), list(targets))
 
     def _timed(self, images: Tensor, prompts: list[str], targets: list[dict]) -> Tensor:
         t0 = time.perf_counter()
         try:
-            return self(images, prompts, targets)
+            return self.parts(images, prompts, targets)
         finally:
             timing.background("reward", time.perf_counter() - t0)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+
+
+def combine_sum(parts: Tensor, weights: list[float]) -> Tensor:
+    """The weighted sum of [N, R] reward columns (NaN where any is NaN), summed in the entries' order."""
+    total = torch.zeros(parts.shape[0])
+    for r in range(parts.shape[1]):
+        total += weights[r] * parts[:, r]
+    return total
 
 
 def build_scorer(cfg: Config) -> RewardScorer:
