@@ -16,7 +16,7 @@ from tdm_r1.rewards.base import RewardFailureError
 from tdm_r1.run import RunStopped
 from tdm_r1.worlds.ocr import PromptFileError
 
-COMMANDS = ("pretrain", "distill", "train", "export", "report", "sample", "eval", "bench", "plan")
+COMMANDS = ("pretrain", "distill", "train", "export", "report", "sample", "eval", "bench", "plan", "reward-server")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"tdm_r1.commands.{name}").register(sub)
+        importlib.import_module(f"tdm_r1.commands.{name.replace('-', '_')}").register(sub)
     return parser
 
 

@@ -117,7 +117,11 @@ def train_epoch(run, scorer: RewardScorer, epoch: int) -> dict[str, float]:
 
     def advantages() -> None:
         collect_rewards(batch)
-        rec.update(advantage_phase(batch, tc, run.dist))
+        try:
+            rec.update(advantage_phase(batch, tc, run.dist))
+        except RewardFailureError as e:
+            errors = scorer.last_errors()
+            raise RewardFailureError(f"{e}; last failure: {'; '.join(errors)}" if errors else str(e)) from e
 
     if not overlap:
         advantages()
@@ -125,6 +129,7 @@ def train_epoch(run, scorer: RewardScorer, epoch: int) -> dict[str, float]:
     rec |= update_phase(
         run.roles, run.opts, batch, tc, cfg.tdm, cfg, epoch, progress.gen, run.dist, advantages if overlap else None
     )
+    rec |= scorer.take_stats()
     return rec | {"sec_rollout_reward": round(t1 - t0, 2), "sec_update": round(time.time() - t1, 2)}
 
 

@@ -185,9 +185,14 @@ def run_epoch(run: Run, scorer: RewardScorer, ev: Evals, epoch: int) -> dict:
     cfg, dist, progress, tc = run.cfg, run.dist, run.progress, run.cfg.train
     rec: dict = {"epoch": epoch}
     dist.check_same(progress.gen.get_state(), "the shared random stream")
+    start = progress.stream.state(), progress.gen.get_state()  # where this epoch began
     try:
         rec |= train_epoch(run, scorer, epoch)
     except RewardFailureError as e:
+        # nothing was updated yet (advantages come before any optimizer step): the state at the epoch's start, so
+        # --resume redoes this epoch with the same prompts and noise
+        progress.stream.load(start[0])
+        progress.gen.set_state(start[1])
         path = save_run_state(cfg, progress, run.roles, run.opts, run.teacher_sha, "train", dist)
         raise RewardFailureError(f"epoch {epoch}: {e}; state saved at {path} (resume with --resume)") from e
     t2 = time.time()

@@ -81,6 +81,7 @@ BUILTIN_REWARDS: dict[str, str] = {
     "dark_fraction": "tdm_r1.rewards.simple:build_dark_fraction",
     "pickscore": "tdm_r1.rewards.pickscore:build_pickscore",
     "geneval": "tdm_r1.rewards.geneval:build_geneval",
+    "remote": "tdm_r1.rewards.remote:build_remote",
 }
 _REGISTRY: dict[str, Callable[..., Reward]] = {}  # registered at run time (register_reward)
 

@@ -39,6 +39,20 @@ class RewardScorer:
     def weights(self) -> list[float]:
         return [float(w) for _, w in self.rewards]
 
+    def take_stats(self) -> dict[str, float]:
+        """Per-reward service figures since the last call (rewards with `take_stats`, e.g. `remote`), keyed
+        reward_<name>_<figure>."""
+        out = {}
+        for name, (reward, _) in zip(self.names, self.rewards, strict=True):
+            if hasattr(reward, "take_stats"):
+                out |= {f"reward_{name}_{k}": v for k, v in reward.take_stats().items()}
+        return out
+
+    def last_errors(self) -> list[str]:
+        """The last failure of every reward that reports one (`last_error`), named."""
+        return [f"{n}: {r.last_error}" for n, (r, _) in zip(self.names, self.rewards, strict=True)
+                if getattr(r, "last_error", None)]  # fmt: skip
+
     def __call__(self, images: Tensor, prompts: list[str], targets: list[dict]) -> Tensor:
         return combine_sum(self.parts(images, prompts, targets), self.weights)
 
