@@ -79,6 +79,9 @@ def plot_curves(metrics: list[dict], path: str | Path, extra_points: list[tuple[
     names = sorted({k for m in metrics for k in m if k.startswith("reward_") and k.endswith("_mean")} - {"reward_mean"})
     for key in names:
         ax.plot(ep, [m.get(key, math.nan) for m in metrics], "--", lw=0.8, label=key.removesuffix("_mean"))
+    gold = [(m["epoch"], m["heldout_gold_mean"]) for m in metrics if "heldout_gold_mean" in m]
+    if gold:
+        ax.plot(*zip(*gold), "s-", lw=1, label="held-out gold reward")
     metric = "ocr" if any("heldout_ocr_mean" in m for m in metrics) else "reward"
     ev = [(m["epoch"], m[f"heldout_{metric}_mean"]) for m in metrics if f"heldout_{metric}_mean" in m]
     ev = sorted(dict([*ev, *extra_points]).items())
@@ -93,6 +96,22 @@ def plot_curves(metrics: list[dict], path: str | Path, extra_points: list[tuple[
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def gold_lines(gold: dict | None) -> list[str]:
+    """train.gold: its score at every evaluation, the best generator kept, and any reward-hacking warning."""
+    if not gold:
+        return []
+    points = ", ".join(f"{h['gold']:.3f} (epoch {h['epoch']})" for h in gold["history"])
+    best = "none finite" if gold["best"] is None else f"{gold['best']:.3f} at epoch {gold['best_epoch']}"
+    lines = ["", f"Gold reward `{gold['reward']}` (never trained on) on the held-out samples: {points}. Best: "
+             f"{best} (the generator kept as `generator_best_gold.safetensors`)."]  # fmt: skip
+    for epoch in gold["warnings"]:
+        lines.append(
+            f"**Warning (epoch {epoch}):** the training reward rose while gold fell for two evaluations in a row; "
+            "the training reward may be gamed."
+        )
+    return lines
 
 
 def report_markdown(summary: dict, ablations: dict[str, dict] | None = None, title: str = "TDM-R1 run") -> str:
@@ -137,6 +156,7 @@ def report_markdown(summary: dict, ablations: dict[str, dict] | None = None, tit
         if summary.get("gain_4nfe_train"):
             lines += ["", gain_line(summary["gain_4nfe_train"], m, seeds_field="eval.train_seeds")]
         lines += ablation_lines(summary, ablations, "tdm_r1_4nfe_train", m)
+    lines += gold_lines(summary.get("gold"))
     lines += [
         "",
         f"Epochs: {summary.get('epochs')}; wall-clock: {summary.get('minutes')} min; "

@@ -140,6 +140,8 @@ RUN_OUTPUTS = (
     "samples_start_end.png",
     "generator.safetensors",
     "pipeline",
+    "generator_best_gold.safetensors",
+    "pipeline_best_gold",
     "student.safetensors",
     "student_fake.safetensors",
     "student_adapter.safetensors",

@@ -141,9 +141,12 @@ def export_pipeline(
 # -- a run's results -------------------------------------------------------------------------------------
 
 
-def export_generator(cfg: Config, roles: Roles, teacher, epoch: int, minutes: float, dist: Dist = LOCAL) -> Path:
-    """`train`'s result: generator.safetensors from the EMA generator, or for a diffusers model the pipeline folder
-    (`export_run_pipeline`). Collective when the roles are partitioned (gathered first)."""
+def export_generator(
+    cfg: Config, roles: Roles, teacher, epoch: int, minutes: float, dist: Dist = LOCAL, name: str = "generator"
+) -> Path:
+    """`train`'s result: <name>.safetensors from the EMA generator, or for a diffusers model the pipeline folder
+    (`export_run_pipeline`; `name` "generator" -> pipeline/, else pipeline_<suffix>/). Collective when the roles are
+    partitioned (gathered first)."""
     info = {
         "kind": "tdm_r1",
         "epoch": epoch,
@@ -155,20 +158,21 @@ def export_generator(cfg: Config, roles: Roles, teacher, epoch: int, minutes: fl
     }
     check_finite(roles, "train: export", dist)
     if is_diffusers(cfg):
-        return export_run_pipeline(cfg, roles, dist)
-    out = Path(cfg.run_dir) / "generator.safetensors"
+        folder = "pipeline" if name == "generator" else "pipeline" + name.removeprefix("generator")
+        return export_run_pipeline(cfg, roles, dist, folder)
+    out = Path(cfg.run_dir) / f"{name}.safetensors"
     weights = role_weights(roles, "generator_ema", teacher, cfg.roles)
     if dist.is_main:
         ckpt.save_model(out, weights, cfg.model, cfg.world, **info)
     return out
 
 
-def export_run_pipeline(cfg: Config, roles: Roles, dist: Dist = LOCAL) -> Path:
+def export_run_pipeline(cfg: Config, roles: Roles, dist: Dist = LOCAL, folder: str = "pipeline") -> Path:
     """<run_dir>/pipeline: the EMA generator as a diffusers pipeline folder (LoRA merged; the unchanged text encoders,
     tokenizers and VAE symlinked to diffusers.path: `tdm-r1 export` writes a standalone copy). Collective when the
     roles are partitioned (each tensor is gathered in turn)."""
     tensors = role_tensors(roles, "generator_ema")
-    out = Path(cfg.run_dir) / "pipeline"
+    out = Path(cfg.run_dir) / folder
     if dist.is_main:
         base = roles.host.model if roles.host is not None else roles.reference.module
         export_diffusers_pipeline(

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from tdm_r1.checkpoint.export import export_generator
-from tdm_r1.checkpoint.resume import resume_from, resume_run_state, save_run_state, truncate_log
+from tdm_r1.checkpoint.resume import read_log, resume_from, resume_run_state, save_run_state, truncate_log
 from tdm_r1.commands.common import add_config_args, add_resume_arg, config_from_teacher, setup_threads
 from tdm_r1.config import Config, ConfigError, save_config
 from tdm_r1.evaluate import (
@@ -80,6 +82,59 @@ class Evals:
     state: dict
     reporter: RunReporter | None
     baselines: dict = field(default_factory=dict)
+    gold: Gold | None = None
+    last_train_reward: float = math.nan  # the last epoch's reward_mean (the final evaluation's gold point)
+
+
+@dataclass
+class Gold:
+    """train.gold: a reward the run never trains on, scored on every evaluation's held-out samples."""
+
+    reward: object
+    name: str
+    best: float = -math.inf
+    best_epoch: int = -1
+    history: list[tuple[int, float, float]] = field(default_factory=list)  # (epoch, train reward, gold)
+    warnings: list[int] = field(default_factory=list)
+
+
+def hacking_suspected(history: list[tuple[int, float, float]]) -> bool:
+    """The training reward rose while gold fell over each of the last two evaluation intervals."""
+    if len(history) < 3:
+        return False
+    (_, r0, g0), (_, r1, g1), (_, r2, g2) = history[-3:]
+    return r1 > r0 and r2 > r1 and g1 < g0 and g2 < g1
+
+
+def gold_check(run: Run, ev: Evals, images, epoch: int, train_reward: float) -> dict:
+    """Score the evaluation's held-out samples with the gold reward (rank 0; shared), keep the generator when it is
+    the best so far, and warn when the training reward rises while gold falls. Collective."""
+    gold, dist, world = ev.gold, run.dist, run.world
+    score = None
+    if dist.is_main:
+        from tdm_r1.rewards.base import score_images
+
+        n = images.shape[0]
+        items = ev.heldout[:n]
+        scores = score_images(gold.reward, images, [world.prompt(w) for w in items], world.targets(items))
+        good = scores[torch.isfinite(scores)]
+        score = float(good.mean()) if good.numel() else math.nan
+    score = dist.broadcast_object(score)
+    out = {"heldout_gold_mean": score}
+    gold.history.append((epoch, train_reward, score))
+    if math.isfinite(score) and score > gold.best:
+        gold.best, gold.best_epoch = score, epoch
+        export_generator(run.cfg, run.roles, run.teacher, epoch, 0.0, dist, name="generator_best_gold")
+        out["gold_best"] = 1
+    if hacking_suspected(gold.history):
+        gold.warnings.append(epoch)
+        out["gold_warning"] = 1
+        dist.print(
+            f"train: WARNING epoch {epoch}: the training reward rose and gold ({gold.name}) fell for two evaluations "
+            f"in a row ({' -> '.join(f'{g:.3f}' for _, _, g in gold.history[-3:])}): the reward may be gamed; the "
+            f"best generator by gold (epoch {gold.best_epoch}) is kept"
+        )
+    return out
 
 
 def train(cfg: Config, resume: str | None = None) -> dict:
@@ -161,6 +216,16 @@ def start_evals(run: Run, scorer: RewardScorer) -> Evals:
     state: dict = {"reward": scorer} if evaluates_with_train_rewards(cfg) else {}
     reporter = RunReporter(run.path, tensorboard=cfg.train.tensorboard) if dist.is_main else None
     ev = Evals(heldout, train_items, state, reporter)
+    if cfg.train.gold:
+        from tdm_r1.rewards.base import build_reward
+
+        ev.gold = Gold(build_reward(cfg.train.gold[0]), cfg.train.gold[0].name)
+        if run.progress.step > 0:  # resumed: the evaluations logged so far (metrics.jsonl is truncated to the state)
+            for r in read_log(run.path / "metrics.jsonl"):
+                if "heldout_gold_mean" in r:
+                    ev.gold.history.append((r["epoch"], r["reward_mean"], r["heldout_gold_mean"]))
+                    if r["heldout_gold_mean"] > ev.gold.best:
+                        ev.gold.best, ev.gold.best_epoch = r["heldout_gold_mean"], r["epoch"]
     if cfg.train.eval_baselines:
         ev.baselines = baseline_evals(cfg, run.roles, world, heldout, state, dist, train_items)
     if run.progress.step == 0:
@@ -188,6 +253,7 @@ def run_epoch(run: Run, scorer: RewardScorer, ev: Evals, epoch: int) -> dict:
     start = progress.stream.state(), progress.gen.get_state()  # where this epoch began
     try:
         rec |= train_epoch(run, scorer, epoch)
+        ev.last_train_reward = rec["reward_mean"]
     except RewardFailureError as e:
         # nothing was updated yet (advantages come before any optimizer step): the state at the epoch's start, so
         # --resume redoes this epoch with the same prompts and noise
@@ -198,11 +264,13 @@ def run_epoch(run: Run, scorer: RewardScorer, ev: Evals, epoch: int) -> dict:
     t2 = time.time()
     progress.step = epoch
     if tc.eval_every > 0 and epoch % tc.eval_every == 0 and epoch != tc.epochs:
-        result, _ = evaluate_role(
+        result, images = evaluate_role(
             run.roles.generator_ema, run.world, cfg, ev.heldout, cfg.tdm.steps, 1.0, ev.state, dist
         )
         m = eval_metric(cfg)
         rec |= {f"heldout_{m}_mean": result[f"{m}_mean"], f"heldout_{m}_exact": result[f"{m}_exact"]}
+        if ev.gold is not None:
+            rec |= gold_check(run, ev, images, epoch, rec["reward_mean"])
     return rec | {"sec_eval": round(time.time() - t2, 2)}
 
 
@@ -217,6 +285,8 @@ def finish(run: Run, ev: Evals, minutes: float) -> dict:
         return evaluate_role(roles.generator_ema, run.world, cfg, items, cfg.tdm.steps, 1.0, ev.state, dist, n)
 
     final, images = evaluate(ev.heldout, seeds)
+    if ev.gold is not None:
+        final["gold_mean"] = gold_check(run, ev, images, run.progress.step, ev.last_train_reward)["heldout_gold_mean"]
     m = eval_metric(cfg)
     rows = {"tdm_r1_4nfe": final}
     if ev.train_items is not None:
@@ -226,6 +296,12 @@ def finish(run: Run, ev: Evals, minutes: float) -> dict:
             start = ev.baselines[f"tdm_4nfe{suffix}"]
             rows[f"gain_4nfe{suffix}"] = paired_gain(start, rows[f"tdm_r1_4nfe{suffix}"], m)
     summary = {**ev.baselines, **rows, "minutes": minutes, "checkpoint": str(generator), "epochs": run.progress.step}
+    if ev.gold is not None:
+        g = ev.gold
+        history = [{"epoch": e, "train_reward": r, "gold": s} for e, r, s in g.history]
+        best = g.best if math.isfinite(g.best) else None
+        summary["gold"] = {"reward": g.name, "best": best, "best_epoch": g.best_epoch, "warnings": g.warnings}
+        summary["gold"]["history"] = history
     if ev.reporter is not None:
         label_samples(ev.reporter, images, ev.heldout, cfg, run.world, ev.state)
         (run.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

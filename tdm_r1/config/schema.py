@@ -250,6 +250,11 @@ class TrainConfig:
     micro_batch_groups: int = 4  # whole prompt groups per stored micro-batch
     optimizer_steps_per_epoch: int = 1  # gradients accumulate over the epoch by default
     rewards: list[RewardTermConfig] = field(default_factory=lambda: [RewardTermConfig()])
+    # A guard against reward hacking: one reward the run never trains on (any registered or remote one), scored on the
+    # held-out samples of every evaluation. The EMA generator with the best gold score is kept beside the last
+    # (generator_best_gold.safetensors, or pipeline_best_gold/), and a warning is logged and reported when the
+    # training reward rises while gold falls for two evaluations in a row. Empty: off.
+    gold: list[RewardTermConfig] = field(default_factory=list)
     # How several rewards make one advantage: `sum` weights the scores, then normalises per group (DESIGN 5.3);
     # `per_reward` normalises each reward per group, then weights the advantages, so a reward with a larger scale or
     # spread does not drown the others.

@@ -128,3 +128,10 @@ def validate(cfg: Config, command: str) -> None:
         for i, term in enumerate(tc.rewards):
             if not math.isfinite(term.weight):
                 raise ConfigError(f"train.rewards[{i}] ({term.name}).weight = {term.weight!r} must be finite")
+        if len(tc.gold) > 1:
+            raise ConfigError(f"train.gold holds at most one reward, got {len(tc.gold)}")
+        for term in tc.gold:
+            trained = [t for t in tc.rewards if (t.name, t.options, t.path) == (term.name, term.options, term.path)]
+            if trained:
+                raise ConfigError(f"train.gold ({term.name}) is also in train.rewards: gold must be a reward the run "
+                                  "never trains on")  # fmt: skip
