@@ -12,14 +12,12 @@ from tdm_r1.config import Config, ConfigError, is_diffusers, load_config, to_dic
 
 def add_config_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--config", required=required, help="YAML config (see configs/)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value by dotted key, e.g. --set pretrain.steps=100 (repeatable)",
-    )
+    add_set_arg(p, "override a config value by dotted key, e.g. --set pretrain.steps=100 (repeatable)")
+
+
+def add_set_arg(p: argparse.ArgumentParser, help_text: str) -> None:
+    """--set KEY=VALUE, repeatable, collected in args.overrides."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text)
 
 
 def add_resume_arg(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from tdm_r1.commands.common import add_set_arg
 from tdm_r1.config import ConfigError, RewardTermConfig
 
 log = logging.getLogger(__name__)
@@ -23,14 +24,7 @@ DESCRIPTION = (
 def register(sub) -> None:
     p = sub.add_parser("reward-server", help="serve a reward over HTTP (for `remote` rewards)", description=DESCRIPTION)
     p.add_argument("--reward", required=True, help="a registered reward name or an import path module:factory")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="the reward's entry: path, device, batch_size, or one of its options (repeatable)",
-    )
+    add_set_arg(p, "the reward's entry: path, device, batch_size, or one of its options (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     p.add_argument("--port", type=int, default=8765, help="port (0: any free one, printed)")
     p.add_argument("--token-file", required=True, help="file holding the bearer token clients must send")
