@@ -156,3 +156,19 @@ def write_yaml(tmp_path, text: str):
     p = tmp_path / "c.yaml"
     p.write_text(text)
     return p
+
+
+def train_epochs(sets: list[str], epochs: int = 2) -> list[dict]:
+    """`tdm-r1 train`'s epochs 1..epochs of the config `sets` describes, in this process (no evaluation); their
+    metric rows."""
+    from tdm_r1.config import load_config
+    from tdm_r1.phases import train_epoch
+    from tdm_r1.rewards.scorer import build_scorer
+    from tdm_r1.run import build_run
+
+    run = build_run(load_config(None, sets), "train")
+    scorer = build_scorer(run.cfg)
+    try:
+        return [train_epoch(run, scorer, epoch) for epoch in range(1, epochs + 1)]
+    finally:
+        scorer.close()

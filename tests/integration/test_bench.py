@@ -6,15 +6,12 @@ import json
 
 import pytest
 import torch
-from utils import TINY, save_tiny_teacher
+from utils import TINY, save_tiny_teacher, train_epochs
 
 from tdm_r1 import timing
 from tdm_r1.bench import PATHS, PHASES, bench, write_results
 from tdm_r1.cli import main
 from tdm_r1.config import load_config
-from tdm_r1.phases import train_epoch
-from tdm_r1.rewards.scorer import build_scorer
-from tdm_r1.run import build_run
 
 RUN = [
     "train.prompts_per_epoch=2",
@@ -72,12 +69,7 @@ def test_overlapping_the_rewards_changes_no_number(teacher, tmp_path):
     for overlap in (False, True):
         sets = [*TINY, *RUN, f"roles.teacher={teacher}", f"run_dir={tmp_path / str(overlap)}"]
         sets += ["perf.lora_forward=peft", f"perf.overlap_reward={overlap}"]
-        run = build_run(load_config(None, sets), "train")
-        scorer = build_scorer(run.cfg)
-        try:
-            rows[overlap] = [train_epoch(run, scorer, epoch) for epoch in (1, 2)]
-        finally:
-            scorer.close()
+        rows[overlap] = train_epochs(sets)
     strip = lambda recs: [{k: v for k, v in r.items() if not k.startswith("sec_")} for r in recs]  # noqa: E731
     assert strip(rows[True]) == strip(rows[False])
     assert rows[True][0]["reward_mean"] > 0 and rows[True][1]["loss_sur"] != 0

@@ -7,15 +7,12 @@ import json
 
 import pytest
 from servers import TOKEN, Server
-from utils import TINY, TINY_TRAIN, tiny_run_files
+from utils import TINY, TINY_TRAIN, tiny_run_files, train_epochs
 
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.commands.train import train
 from tdm_r1.config import load_config
-from tdm_r1.phases import train_epoch
 from tdm_r1.rewards.base import RewardFailureError
-from tdm_r1.rewards.scorer import build_scorer
-from tdm_r1.run import build_run
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +43,7 @@ def test_remote_ocr_trains_exactly_as_local_ocr(files, tmp_path, monkeypatch):
             ("local", "{name: ocr}"),
             ("remote", f"{{name: remote, options: {{url: '{server.url}'}}}}"),
         ):
-            sets = [*base_sets(files, tmp_path / kind), f"train.rewards=[{reward}]"]
-            run = build_run(load_config(None, sets), "train")
-            scorer = build_scorer(run.cfg)
-            try:
-                rows[kind] = [train_epoch(run, scorer, epoch) for epoch in (1, 2)]
-            finally:
-                scorer.close()
+            rows[kind] = train_epochs([*base_sets(files, tmp_path / kind), f"train.rewards=[{reward}]"])
     finally:
         server.stop()
     for local, remote in zip(rows["local"], rows["remote"], strict=True):

@@ -8,12 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from utils import TINY, save_tiny_teacher
+from utils import TINY, save_tiny_teacher, train_epochs
 
 from tdm_r1.advantages import group_advantages, per_reward_advantages
-from tdm_r1.config import load_config
-from tdm_r1.phases import train_epoch
-from tdm_r1.rewards.scorer import RewardScorer, build_scorer
+from tdm_r1.rewards.scorer import RewardScorer
 
 
 class Const:
@@ -102,27 +100,18 @@ TWO = (
 
 
 @pytest.mark.parametrize("combine", ["sum", "per_reward"])
-def test_an_epoch_logs_every_reward_and_combines_as_configured(combine, teacher, tmp_path):
-    from tdm_r1.run import build_run
+def test_an_epoch_logs_every_reward_and_combines_as_configured(combine, teacher, tmp_path, monkeypatch):
+    import tdm_r1.phases as phases
 
-    sets = [*TINY, *RUN, TWO, f"train.reward_combine={combine}", f"roles.teacher={teacher}", f"run_dir={tmp_path}"]
-    run = build_run(load_config(None, sets), "train")
-    scorer = build_scorer(run.cfg)
     seen = {}
-    real = per_reward_advantages
 
     def spy(*args, **kwargs):
         seen["called"] = True
-        return real(*args, **kwargs)
+        return per_reward_advantages(*args, **kwargs)
 
-    import tdm_r1.phases as phases
-
-    phases.per_reward_advantages, restore = spy, phases.per_reward_advantages
-    try:
-        rec = train_epoch(run, scorer, 1)
-    finally:
-        phases.per_reward_advantages = restore
-        scorer.close()
+    monkeypatch.setattr(phases, "per_reward_advantages", spy)
+    sets = [*TINY, *RUN, TWO, f"train.reward_combine={combine}", f"roles.teacher={teacher}", f"run_dir={tmp_path}"]
+    (rec,) = train_epochs(sets, epochs=1)
     for name in ("dark_fraction", "dark_fraction_2"):
         assert 0.0 <= rec[f"reward_{name}_mean"] <= 1.0 and rec[f"reward_{name}_std"] >= 0
         assert rec[f"reward_{name}_failed"] == 0
