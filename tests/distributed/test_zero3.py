@@ -3,7 +3,8 @@
 Two launches run side by side (module fixture `runs`): the README's CPU command (`deepspeed --num_gpus 2 --module tdm_r1
 train --config configs/toy_ocr_r1_tiny_ds.yaml`, with a tiny random teacher) for 2 epochs, and worker.py under
 torchrun (partition sizes and per-rank bytes, 1 epoch + resume to 2, lora mode), while this process runs the same
-configs in one process without DeepSpeed for reference.
+configs in one process without DeepSpeed for reference. A third launch (fixture `remote_runs`) scores through a reward
+server (tests/service/servers.py) from both ranks, against one process scoring through the same server.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("zero3_worker", Path(__file__).with_name("worker.py"))
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
+_spec = importlib.util.spec_from_file_location("reward_servers", ROOT / "tests" / "service" / "servers.py")
+servers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(servers)
 
 # Per-epoch metrics of 2 ranks vs 1 process: the ranks run half-size batches (other matmul blocking), sum gradients
 # and group scores in another order and average metrics in float64. Measured max |diff| <= 1.5e-7 + 1.5e-5 |value|
@@ -113,12 +117,39 @@ def runs(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def remote_runs(runs):
+    """The 2-rank launch and the single process with the `remote` reward: dark_fraction served on loopback."""
+    d = runs / "remote"
+    d.mkdir()
+    server = servers.Server(d, "dark_fraction")
+    remote = f"{{name: remote, options: {{url: '{server.url}', token_file: '{server.token_file}', chunk: 2}}}}"
+    extra = [f"train.rewards=[{remote}]"]
+    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    sets = [x for o in worker.overrides(str(runs / "teacher.safetensors"), str(runs / "heldout.txt"), d / "cli", *extra)
+            for x in ("--set", o)]  # fmt: skip
+    cli = [deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "tdm_r1", "train"]
+    proc = _launch([*cli, "--config", worker.CONFIG, *sets], d / "cli.log")
+    try:
+        train(
+            load_config(
+                worker.CONFIG,
+                worker.overrides(str(runs / "teacher.safetensors"), str(runs / "heldout.txt"), d / "single", *extra),
+            )
+        )
+    finally:
+        _wait(proc, d / "cli.log", "deepspeed launch with the remote reward")
+        log = server.stop()
+    return d, log
+
+
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _deterministic(rec: dict) -> dict:
-    return {k: v for k, v in rec.items() if not k.startswith("sec_")}
+    """A metrics row without timings and the reward service's own figures (latency, retries)."""
+    return {k: v for k, v in rec.items() if not k.startswith(("sec_", "reward_remote_latency", "reward_remote_retries"))}
 
 
 def _ranks(runs: Path) -> list[dict]:
@@ -147,8 +178,12 @@ def test_per_rank_parameter_gradient_and_optimizer_bytes_halve(runs):
         assert m["params_gathered"] == 0, m
 
 
-@pytest.mark.parametrize(("two_ranks", "one_process"), [("cli", "single"), ("w/lora", "single_lora")])
-def test_two_ranks_give_the_single_process_metrics(runs, two_ranks, one_process):
+@pytest.mark.parametrize(
+    ("two_ranks", "one_process"), [("cli", "single"), ("w/lora", "single_lora"), ("remote/cli", "remote/single")]
+)
+def test_two_ranks_give_the_single_process_metrics(runs, two_ranks, one_process, request):
+    if two_ranks.startswith("remote"):
+        request.getfixturevalue("remote_runs")
     a, b = _metrics(runs / two_ranks), _metrics(runs / one_process)
     assert [r["epoch"] for r in a] == [1, 2] == [r["epoch"] for r in b]
     for ra, rb in zip(a, b):
@@ -161,6 +196,17 @@ def test_two_ranks_give_the_single_process_metrics(runs, two_ranks, one_process)
         for k in ra:
             rtol = SURROGATE_RTOL.get(k, RTOL) if ra["epoch"] > 1 else RTOL
             assert ra[k] == pytest.approx(rb[k], rel=rtol, abs=ATOL), f"epoch {ra['epoch']} {k}"
+
+
+def test_two_ranks_score_through_the_reward_server_every_sample_once(remote_runs):
+    d, log = remote_runs
+    for run in ("cli", "single"):
+        rows = _metrics(d / run)
+        assert [r["reward_remote_failed_chunks"] for r in rows] == [0, 0]
+        assert all(r["reward_failed"] == 0 and 0 < r["reward_mean"] < 1 for r in rows)
+    # 2 epochs x 8 samples, in requests of 2 images: 8 requests from the 2 ranks (4 samples each per epoch) and 8 from
+    # the single process, every one answered
+    assert "stopped after 16 requests (16 scored)" in log, log[-2000:]
 
 
 def test_resume_on_two_ranks_reproduces_the_uninterrupted_run(runs):
