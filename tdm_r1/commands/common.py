@@ -69,8 +69,8 @@ def sampling_settings(args: argparse.Namespace, cfg: Config) -> tuple[int, float
 
 def load_checkpoint_run(args: argparse.Namespace, need_splits: bool = True):
     """(model, world, config, info) of a model checkpoint: config = the checkpoint's world, then --config, then
-    --set. need_splits False (the items come from the command line or a file): the world's word lists are not read,
-    so the command works from any directory."""
+    --set. need_splits False (the items come from the command line or a file): the OCR world's word lists are not
+    read, so the command works from any directory (another world is built whole)."""
     from tdm_r1.checkpoint import load_model
     from tdm_r1.worlds import build_world
     from tdm_r1.worlds.ocr import OCRWorld
@@ -78,7 +78,7 @@ def load_checkpoint_run(args: argparse.Namespace, need_splits: bool = True):
     model, world_cfg, info = load_model(args.checkpoint)
     cfg = load_config(args.config, args.overrides, base={"world": to_dict(world_cfg)})
     setup_threads(cfg)
-    world = build_world(cfg.world) if need_splits else OCRWorld(cfg.world, [], [])
+    world = OCRWorld(cfg.world, [], []) if not need_splits and cfg.world.name == "ocr" else build_world(cfg.world)
     return model, world, cfg, info
 
 
@@ -97,7 +97,10 @@ def writable_output(path: str | Path) -> Path:
 
 
 def read_prompt_items(path: str, world) -> list[str]:
-    """The items of a word file (one per line, the world's alphabet)."""
+    """The items of a file, one per line: the world's own reader (`read_items`) where it has one, else words of the
+    OCR world's alphabet."""
+    if hasattr(world, "read_items"):
+        return world.read_items(path)
     from tdm_r1.worlds.ocr import read_words
 
     return read_words(path, world.cfg.alphabet, world.cfg.max_word_len)

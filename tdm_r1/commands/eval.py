@@ -13,21 +13,24 @@ from tdm_r1.commands.common import (
     writable_output,
 )
 from tdm_r1.config import ConfigError
-from tdm_r1.evaluate import eval_items, eval_reward, evaluate, evaluate_seeds
+from tdm_r1.evaluate import eval_items, eval_metric, eval_reward, evaluate, evaluate_seeds
 from tdm_r1.report import save_grid
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "eval",
-        help="OCR-score a checkpoint on a word split or file",
-        description="Sample one image per word, OCR it, and write {ocr_mean, ocr_exact, n, ...} "
-        "as JSON plus a sample grid PNG next to it.",
+        help="score a checkpoint on a split or a prompt file",
+        description="Sample one image per item (word, prompt), score it and write {ocr_mean, ocr_exact, n, ...} (the "
+        "OCR world) or {reward_mean, reward_exact, n, ...} (any other world: its train.rewards, weighted) as JSON "
+        "plus a sample grid PNG next to it.",
     )
     add_sampling_args(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--split", choices=["train", "heldout"], default="heldout")
-    group.add_argument("--prompts", help="file with one word per line (UTF-8, the world's alphabet)")
+    group.add_argument(
+        "--prompts", help="file with one item per line (UTF-8; a word of the world's alphabet, a prompt of its grammar)"
+    )
     p.add_argument(
         "--seeds",
         type=int,
@@ -45,9 +48,12 @@ def main(args: argparse.Namespace) -> int:
     model, world, cfg, _ = load_checkpoint_run(args, need_splits=not args.prompts)
     items = read_prompt_items(args.prompts, world) if args.prompts else eval_items(world, args.split, cfg.eval)
     nfe, guidance, shift, solver = sampling_settings(args, cfg)
-    reward = eval_reward(cfg, world, {})
+    reward, metric = eval_reward(cfg, world, {}), eval_metric(cfg)
     result, images = evaluate_seeds(
-        lambda ecfg: evaluate(model, world, reward, items, nfe, guidance, shift, ecfg, solver), cfg.eval, args.seeds
+        lambda ecfg: evaluate(model, world, reward, items, nfe, guidance, shift, ecfg, solver, metric=metric),
+        cfg.eval,
+        args.seeds,
+        metric,
     )
     result |= {"checkpoint": str(args.checkpoint), "split": args.prompts or args.split, "seed": cfg.eval.seed}
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -82,6 +82,7 @@ BUILTIN_REWARDS: dict[str, str] = {
     "pickscore": "tdm_r1.rewards.pickscore:build_pickscore",
     "geneval": "tdm_r1.rewards.geneval:build_geneval",
     "remote": "tdm_r1.rewards.remote:build_remote",
+    "counting": "tdm_r1.rewards.counting:build_counting",
 }
 _REGISTRY: dict[str, Callable[..., Reward]] = {}  # registered at run time (register_reward)
 

@@ -13,6 +13,7 @@ from tdm_r1.worlds.base import World
 
 BUILTIN_WORLDS: dict[str, str] = {
     "ocr": "tdm_r1.worlds.ocr:build_world",
+    "counting": "tdm_r1.worlds.counting:build_world",
 }
 
 

@@ -149,7 +149,8 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def _deterministic(rec: dict) -> dict:
     """A metrics row without timings and the reward service's own figures (latency, retries)."""
-    return {k: v for k, v in rec.items() if not k.startswith(("sec_", "reward_remote_latency", "reward_remote_retries"))}
+    service = ("sec_", "reward_remote_latency", "reward_remote_retries")
+    return {k: v for k, v in rec.items() if not k.startswith(service)}
 
 
 def _ranks(runs: Path) -> list[dict]:

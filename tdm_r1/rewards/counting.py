@@ -1,0 +1,132 @@
+"""`counting`: the counting world's reward, non-differentiable: objects found by connected components, their shape and
+colour by simple geometry, scored against the count, colour and shape a prompt asks for (targets
+{"count", "colour", "shape"}).
+
+Per image:
+1. background = the per-channel median colour (the objects cover a small part of the canvas); a pixel is ink when
+   its colour lies more than `threshold` (Euclidean, RGB in [0, 1]) from it;
+2. objects = 8-connected components of ink; each pixel's coverage is its distance from the background over the
+   distance of the component's most distant pixel (anti-aliased edges count in part); components of coverage area
+   below `min_area` pixels are specks and ignored;
+3. colour = the nearest of the world's colours to the mean of the component's core pixels (coverage >= 0.7), or
+   "other" when none is within `colour_tolerance`;
+4. shape from the coverage area over the bounding box ("fill") and where the mass sits: square (fill >= 0.89), disc
+   (>= 0.65), else triangle (apex up: >= 0.62 of the mass in the lower half) or diamond; a component with a bounding
+   box more than 1.5x as wide as high (or high as wide) is no single object ("other").
+
+Touching or overlapping objects form one component: they count as ONE object, of shape "other" when their box is
+elongated (two side by side), so an image whose objects merge fails the strict score; the world's own renders never
+touch (a gap of >= 2 px).
+
+Scores (option `score`):
+- strict (GenEval-style): 1 when exactly `count` objects of the asked shape and colour are found and nothing else;
+- partial: (1 - |found - count| / count, at least 0) x (share of the found objects that have the asked shape and
+  colour), with found = all objects: 1 exactly when strict is 1, credit for one object off or one wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+import torch
+
+from tdm_r1.config import RewardTermConfig
+from tdm_r1.rewards.base import reward_options
+from tdm_r1.worlds.counting import COLOURS
+
+CORE = 0.7  # coverage of a component's core pixels (its colour)
+MAX_ASPECT = 1.5
+
+
+@dataclass(frozen=True)
+class Found:
+    """One object found: its shape, colour, coverage area and bounding box (x, y, w, h)."""
+
+    shape: str
+    colour: str
+    area: float
+    box: tuple[int, int, int, int]
+
+
+@dataclass
+class CountingOptions:
+    score: Literal["strict", "partial"] = "strict"
+    threshold: float = 0.3  # RGB distance from the background above which a pixel is ink
+    min_area: float = 6.0  # coverage area (pixels) below which a component is a speck
+    colour_tolerance: float = 0.35  # RGB distance within which a component's colour is one of the world's
+
+
+def classify_shape(cov: np.ndarray) -> str:
+    """Shape of one component from its coverage [h, w] over its bounding box."""
+    h, w = cov.shape
+    if w > MAX_ASPECT * h or h > MAX_ASPECT * w:
+        return "other"
+    fill = float(cov.sum()) / (h * w)
+    if fill >= 0.89:
+        return "square"
+    if fill >= 0.65:
+        return "disc"
+    rows = cov.sum(1)
+    lower = float(rows[h - h // 2 :].sum() + (rows[h // 2] / 2 if h % 2 else 0.0)) / float(rows.sum())
+    return "triangle" if lower >= 0.62 else "diamond"
+
+
+def classify_colour(rgb: np.ndarray, tolerance: float) -> str:
+    names = list(COLOURS)
+    d = np.linalg.norm(np.asarray([COLOURS[n] for n in names]) - rgb[None], axis=1)
+    return names[int(d.argmin())] if d.min() <= tolerance else "other"
+
+
+def find_objects(image: np.ndarray, opts: CountingOptions) -> list[Found]:
+    """The objects of one image [H, W, 3] float in [0, 1], left to right."""
+    bg = np.median(image.reshape(-1, 3), axis=0)
+    dist = np.linalg.norm(image - bg, axis=-1)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats((dist > opts.threshold).astype(np.uint8), connectivity=8)
+    out = []
+    for k in range(1, n):
+        x, y, w, h = (int(v) for v in stats[k, :4])
+        own = labels[y : y + h, x : x + w] == k
+        d = np.where(own, dist[y : y + h, x : x + w], 0.0)
+        cov = np.clip(d / d.max(), 0.0, 1.0)
+        area = float(cov.sum())
+        if area < opts.min_area:
+            continue
+        core = cov >= CORE
+        colour = classify_colour(image[y : y + h, x : x + w][core].mean(0), opts.colour_tolerance)
+        out.append(Found(classify_shape(cov), colour, area, (x, y, w, h)))
+    return sorted(out, key=lambda f: f.box[0])
+
+
+def count_score(found: list[Found], target: dict, score: str) -> float:
+    """The strict or partial score of the objects found in an image against a target {count, colour, shape}."""
+    want = int(target["count"])
+    right = sum(f.shape == target["shape"] and f.colour == target["colour"] for f in found)
+    if score == "strict":
+        return float(right == want == len(found))
+    if not found:
+        return 0.0
+    return max(0.0, 1.0 - abs(len(found) - want) / want) * right / len(found)
+
+
+class CountingReward:
+    name = "counting"
+
+    def __init__(self, opts: CountingOptions):
+        self.opts = opts
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], targets: list[dict]) -> torch.Tensor:
+        arr = images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        scores = []
+        for img, target in zip(arr, targets, strict=True):
+            if not {"count", "colour", "shape"} <= target.keys():
+                scores.append(float("nan"))  # not a counting prompt: a failure to judge, counted as such
+                continue
+            scores.append(count_score(find_objects(img, self.opts), target, self.opts.score))
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+def build_counting(term: RewardTermConfig) -> CountingReward:
+    return CountingReward(reward_options(term, CountingOptions))
