@@ -7,7 +7,8 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: venv native demo demo-run ablations default default-ablations layout layout-ablations test test-crash lint bench bench-train teacher \
-	student layout-teacher layout-student blot-teacher blot-student clean
+	student layout-teacher layout-student blot-teacher blot-student counting counting-ablations \
+	counting-teacher counting-student clean
 
 venv: $(STAMP)
 
@@ -116,6 +117,30 @@ blot-teacher: venv
 
 blot-student: venv
 	$(BIN)/tdm-r1 distill --config configs/toy_ocr_blot_distill.yaml
+
+# The counting world (docs/results/counting.md): TDM-R1 from the shipped 4-step student with the strict count reward,
+# the held-out rows at 4 eval seeds, then how each model counts (tools/counting_probe.py) into runs/counting/probe.md.
+counting: venv native
+	$(BIN)/tdm-r1 train --config configs/toy_counting_r1.yaml
+	rm -f runs/counting/probe.md
+	$(BIN)/python tools/counting_probe.py --checkpoint checkpoints/toy_counting_teacher.safetensors --nfe 32 --cfg 3 \
+		--seed 1234 --markdown runs/counting/probe.md --label "teacher, 32 NFE + CFG 3"
+	$(BIN)/python tools/counting_probe.py --checkpoint checkpoints/toy_counting_teacher.safetensors --seed 1234 --seeds 4 \
+		--adapter checkpoints/toy_counting_student_adapter.safetensors --markdown runs/counting/probe.md \
+		--label "student, 4 NFE"
+	$(BIN)/python tools/counting_probe.py --checkpoint runs/counting/generator.safetensors --seed 1234 --seeds 4 \
+		--markdown runs/counting/probe.md --label "TDM-R1, 4 NFE"
+	@cat runs/counting/report.md runs/counting/probe.md
+
+counting-ablations: venv native
+	$(call ablation_runs,configs/toy_counting_r1.yaml,runs/counting)
+
+# The counting world's teacher (configs/toy_counting_teacher.yaml) and its 4-step student.
+counting-teacher: venv
+	$(BIN)/tdm-r1 pretrain --config configs/toy_counting_teacher.yaml
+
+counting-student: venv
+	$(BIN)/tdm-r1 distill --config configs/toy_counting_distill.yaml
 
 clean:
 	rm -rf $(VENV) .cache build

@@ -4,8 +4,10 @@ a surrogate prefer the better samples of a group (on the samples it was trained 
 Also where a generator's renderings fail: character errors by position and exact readings by word length, and where
 its text sits on the canvas (ink columns, text cut off at the right edge).
 
-Used by tools/best_of_k.py, tools/surrogate_probe.py, tools/surrogate_fit.py, tools/error_positions.py and
-tools/layout_probe.py.
+Also how a generator counts: by requested count, the share of its samples with the right number of objects.
+
+Used by tools/best_of_k.py, tools/surrogate_probe.py, tools/surrogate_fit.py, tools/error_positions.py,
+tools/layout_probe.py and tools/counting_probe.py.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def load_checkpoint_tool(args: argparse.Namespace):
     """(model, world, cfg) for a checkpoint tool: the checkpoint's world, then --set; threads applied."""
     from tdm_r1.checkpoint import load_model
     from tdm_r1.config import load_config, to_dict
-    from tdm_r1.worlds.ocr import build_world
+    from tdm_r1.worlds import build_world
 
     model, world_cfg, _ = load_model(args.checkpoint)
     cfg = load_config(None, args.overrides, base={"world": to_dict(world_cfg)})
@@ -175,3 +177,20 @@ def score_heldout_samples(args: argparse.Namespace) -> tuple[Tensor, Tensor, flo
     scores = score_images(build_eval_reward(cfg), images, [world.prompt(w) for w in words], world.targets(words))
     w = world.cfg
     return images, scores, (sum(w.background_level) + sum(w.text_level)) / 4
+
+
+def count_profile(found: list[list], targets: list[dict]) -> dict:
+    """How a generator counts, from the objects found in its samples (tdm_r1.rewards.counting.find_objects) and the
+    requests: per requested count, the share of samples with that many objects of any kind (`right_count`), with
+    exactly the asked objects (`strict`) and the mean of found minus asked (`bias`); overall, the share of each
+    found-minus-asked difference."""
+    by_count: dict[int, list[tuple[int, bool]]] = {}
+    for objs, t in zip(found, targets, strict=True):
+        right = sum(f.shape == t["shape"] and f.colour == t["colour"] for f in objs)
+        by_count.setdefault(int(t["count"]), []).append((len(objs), right == t["count"] == len(objs)))
+    rows = {}
+    for c, v in sorted(by_count.items()):
+        rows[c] = {"n": len(v), "right_count": sum(n == c for n, _ in v) / len(v),
+                   "strict": sum(s for _, s in v) / len(v), "bias": sum(n - c for n, _ in v) / len(v)}  # fmt: skip
+    diffs = [len(objs) - int(t["count"]) for objs, t in zip(found, targets, strict=True)]
+    return {"by_count": rows, "difference": {d: diffs.count(d) / len(diffs) for d in sorted(set(diffs))}}

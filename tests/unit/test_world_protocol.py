@@ -15,12 +15,13 @@ from tdm_r1.evaluate import evaluate
 from tdm_r1.models.tiny_dit import build_tiny_dit
 from tdm_r1.rewards import build_reward
 from tdm_r1.worlds.base import World
-from tdm_r1.worlds.ocr import build_world
+from tdm_r1.worlds import build_world
 from tdm_r1.worlds.prompts import PromptWorld
 
 
 def test_the_shipped_worlds_implement_the_protocol():
     assert isinstance(build_world(load_config(None, []).world), World)
+    assert isinstance(build_world(load_config("configs/toy_counting_teacher.yaml").world), World)
     assert isinstance(PromptWorld(["a"], ["b"], 64, 64), World)
     assert not isinstance(object(), World)
 
