@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from tdm_r1.checkpoint.sources import content_id, teacher_id, teacher_source
-from tdm_r1.config import Config, ConfigError, EvalConfig, is_diffusers
+from tdm_r1.config import Config, ConfigError, EvalConfig, RewardTermConfig, is_diffusers
 from tdm_r1.distributed import LOCAL, Dist
 from tdm_r1.models.base import FlowModel
 from tdm_r1.rewards.base import Reward, score_images
@@ -182,9 +182,18 @@ def evaluates_with_train_rewards(cfg: Config) -> bool:
 
 
 def eval_reward(cfg: Config, world, state: dict):
-    """The evaluation reward (`evaluates_with_train_rewards`), built once per run into `state`."""
+    """The evaluation reward (`evaluates_with_train_rewards`), built once per run into `state`. A world with a reward
+    of its own (`world.reward`, e.g. the counting world's) is scored by it when train.rewards names nothing but the
+    default OCR: a checkpoint evaluated without its run's config."""
     if "reward" not in state:
-        state["reward"] = build_scorer(cfg) if evaluates_with_train_rewards(cfg) else build_eval_reward(cfg)
+        if not evaluates_with_train_rewards(cfg):
+            state["reward"] = build_eval_reward(cfg)
+        else:
+            own = getattr(world, "reward", None)
+            if own and [t.name for t in cfg.train.rewards] == ["ocr"]:
+                train = dataclasses.replace(cfg.train, rewards=[RewardTermConfig(name=own)])
+                cfg = dataclasses.replace(cfg, train=train)
+            state["reward"] = build_scorer(cfg)
     return state["reward"]
 
 

@@ -129,6 +129,7 @@ class CountingWorld:
     opts: CountingOptions
     train_prompts: dict[str, Request]
     heldout_prompts: dict[str, Request]
+    reward = "counting"  # what evaluates a checkpoint of this world when no run config names a reward (strict score)
 
     @property
     def height(self) -> int:

@@ -14,8 +14,8 @@ from tdm_r1.config import EvalConfig, load_config
 from tdm_r1.evaluate import evaluate
 from tdm_r1.models.tiny_dit import build_tiny_dit
 from tdm_r1.rewards import build_reward
-from tdm_r1.worlds.base import World
 from tdm_r1.worlds import build_world
+from tdm_r1.worlds.base import World
 from tdm_r1.worlds.prompts import PromptWorld
 
 
