@@ -126,8 +126,8 @@ def evaluate_seeds(
 
 
 def read_and_score(reward, images: torch.Tensor, words: list[str], world) -> tuple[list[str | None], list[float]]:
-    """What a reading reward (OCR) read in each image and its score; rewards that do not read give None readings and
-    their own scores. Images [B, C, H, W] in [0, 1]."""
+    """What a reading reward (OCR) read in each image and its score; a reward that describes what it found (counting:
+    `4 found`) gives that; others give None readings and their own scores. Images [B, C, H, W] in [0, 1]."""
     prompts, targets = [world.prompt(w) for w in words], world.targets(words)
     if hasattr(reward, "read"):
         from tdm_r1.rewards.ocr import ocr_score
@@ -135,8 +135,12 @@ def read_and_score(reward, images: torch.Tensor, words: list[str], world) -> tup
         imgs = images.detach().float().cpu().clamp(0, 1)
         readings = reward.read(imgs.expand(-1, 3, -1, -1) if imgs.shape[1] == 1 else imgs)
         return readings, [ocr_score(r, t["text"]) for r, t in zip(readings, targets)]
-    scores = score_images(reward, images, prompts, targets)
-    return [None] * len(words), [float(s) for s in scores]
+    scores = [float(s) for s in score_images(reward, images, prompts, targets)]
+    rewards = getattr(reward, "rewards", None)  # a scorer of one reward that describes what it found (counting)
+    if rewards is not None and len(rewards) == 1 and hasattr(rewards[0][0], "describe"):
+        imgs = images.detach().float().cpu().clamp(0, 1)
+        return rewards[0][0].describe(imgs.expand(-1, 3, -1, -1) if imgs.shape[1] == 1 else imgs, targets), scores
+    return [None] * len(words), scores
 
 
 # -- a run's evaluations: roles at several seeds, the baselines cache, labelled samples ---------------------

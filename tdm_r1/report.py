@@ -264,7 +264,7 @@ def sample_captions(words: list[str], readings: list[str | None], scores: list[f
     """Caption lines of each tile: the target word, then what the reward read (if it reads) and its score."""
     out = []
     for word, reading, score in zip(words, readings, scores):
-        got = "?" if reading is None else (reading[:14] or "(nothing)")
+        got = "?" if reading is None else (reading[:16] or "(nothing)")
         out.append([word[:24], f"{got}  {score:.2f}"])
     return out
 

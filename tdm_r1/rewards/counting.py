@@ -111,11 +111,22 @@ def count_score(found: list[Found], target: dict, score: str) -> float:
     return max(0.0, 1.0 - abs(len(found) - want) / want) * right / len(found)
 
 
+def describe(found: list[Found], target: dict) -> str:
+    """A short caption of what was found against a target: `4 found`, `4 found, 1 wrong` (wrong shape or colour)."""
+    right = sum(f.shape == target.get("shape") and f.colour == target.get("colour") for f in found)
+    return f"{len(found)} found" + (f", {len(found) - right} wrong" if right < len(found) else "")
+
+
 class CountingReward:
     name = "counting"
 
     def __init__(self, opts: CountingOptions):
         self.opts = opts
+
+    def describe(self, images: torch.Tensor, targets: list[dict]) -> list[str]:
+        """What the reward found in each image, as a caption of labelled sample grids."""
+        arr = images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        return [describe(find_objects(img, self.opts), t) for img, t in zip(arr, targets, strict=True)]
 
     def __call__(self, images: torch.Tensor, prompts: list[str], targets: list[dict]) -> torch.Tensor:
         arr = images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy()

@@ -159,6 +159,19 @@ def test_every_shape_and_colour_is_told_apart(world):
             assert {(f.shape, f.colour) for f in find_objects(img, CountingOptions())} == {(shape, colour)}
 
 
+def test_the_grid_caption_says_what_was_found():
+    from tdm_r1.evaluate import read_and_score
+    from tdm_r1.rewards.scorer import RewardScorer
+
+    w = build_world(WorldConfig(name="counting", channels=3))
+    items = ["3 red squares", "2 blue discs", "one green triangle"]
+    images = w.render_batch(items, np.random.default_rng(0), counts=[4, 2, 1])
+    images[2, :, :, 61:64] = torch.tensor(COLOURS["red"]).view(3, 1, 1)  # a red bar right of every slot
+    scorer = RewardScorer([(build_reward("counting"), 1.0)])
+    readings, scores = read_and_score(scorer, images, items, w)
+    assert readings == ["4 found", "2 found", "2 found, 1 wrong"] and scores == [0.0, 1.0, 0.0]
+
+
 def test_a_target_without_a_count_is_a_failure_to_judge():
     assert np.isnan(score([canvas()], [{"text": "CAT"}])[0])
     assert count_score([], target(2), "partial") == 0.0
