@@ -56,7 +56,8 @@ def reward_term(name: str, overrides: list[str]) -> RewardTermConfig:
 
 def main(args: argparse.Namespace) -> int:
     from tdm_r1.rewards.base import build_reward
-    from tdm_r1.rewards.server import Limits, RewardService, is_loopback, serve
+    from tdm_r1.rewards.server import Limits, RewardService, build_app
+    from tdm_r1.serving import is_loopback, serve
 
     token_path = Path(args.token_file)
     if not token_path.is_file():
@@ -76,6 +77,6 @@ def main(args: argparse.Namespace) -> int:
         if args.port_file:
             Path(args.port_file).write_text(str(port))
 
-    asyncio.run(serve(service, args.host, args.port, args.max_seconds, ready))
+    asyncio.run(serve(build_app(service), lambda: service.stop, args.host, args.port, args.max_seconds, ready))
     print(f"reward-server: stopped after {service.answered} requests ({service.served} scored)", flush=True)
     return 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 import math
@@ -31,6 +30,7 @@ import torch
 from tdm_r1.config import RewardTermConfig
 from tdm_r1.rewards.base import Reward, score_images
 from tdm_r1.rewards.wire import WireError, decode_png
+from tdm_r1.serving import json_error
 
 log = logging.getLogger(__name__)
 NOT_JUDGED = "the reward could not judge this sample"
@@ -109,19 +109,21 @@ class RewardService:
 
         t0 = time.perf_counter()
         if not self._authorised(request):
-            return _error(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+            return json_error(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
         if request.content_length is not None and request.content_length > self.limits.max_body_mb * 2**20:
-            return _error(413, f"request body of {request.content_length} bytes exceeds {self.limits.max_body_mb} MB")
+            return json_error(
+                413, f"request body of {request.content_length} bytes exceeds {self.limits.max_body_mb} MB"
+            )
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return _error(413, f"request body exceeds {self.limits.max_body_mb} MB")
+            return json_error(413, f"request body exceeds {self.limits.max_body_mb} MB")
         try:
             request_id, images, prompts, targets = self._parse(body)
         except WireError as e:
-            return _error(413 if "limit of" in str(e) else 400, str(e))
+            return json_error(413 if "limit of" in str(e) else 400, str(e))
         if self.queued + len(prompts) > self.limits.queue_images:
-            return _error(503, f"queue full ({self.queued} images waiting)", headers={"Retry-After": "1"})
+            return json_error(503, f"queue full ({self.queued} images waiting)", headers={"Retry-After": "1"})
         job = _Job(images, prompts, targets, asyncio.get_running_loop().create_future())
         self.jobs.append(job)
         self.queued += len(prompts)
@@ -130,7 +132,7 @@ class RewardService:
             scores = await job.done
         except Exception as e:  # the reward raised on this request (alone)
             self._count(t0)
-            return _error(500, f"the reward failed on this request: {type(e).__name__}: {e}")
+            return json_error(500, f"the reward failed on this request: {type(e).__name__}: {e}")
         self._count(t0)
         ok = [math.isfinite(s) for s in scores]
         return web.json_response(
@@ -235,12 +237,6 @@ class RewardService:
         return out
 
 
-def _error(status: int, message: str, headers: dict | None = None):
-    from aiohttp import web
-
-    return web.json_response({"error": message}, status=status, headers=headers)
-
-
 def build_app(service: RewardService):
     from aiohttp import web
 
@@ -258,42 +254,3 @@ def build_app(service: RewardService):
     app.on_startup.append(start_worker)
     app.on_cleanup.append(stop_worker)
     return app
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-async def serve(service: RewardService, host: str, port: int, max_seconds: float = 0.0, on_ready=None) -> None:
-    """Serve until SIGINT / SIGTERM, `max_requests` answered or `max_seconds` passed; in-flight requests finish
-    (graceful shutdown). `on_ready(port)` is called once listening."""
-    import signal
-
-    from aiohttp import web
-
-    runner = web.AppRunner(build_app(service), shutdown_timeout=30.0, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound = site._server.sockets[0].getsockname()[1]
-    if on_ready is not None:
-        on_ready(bound)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, service.stop.set)
-    try:
-        if max_seconds > 0:
-            try:
-                await asyncio.wait_for(service.stop.wait(), max_seconds)
-            except TimeoutError:
-                pass
-        else:
-            await service.stop.wait()
-    finally:
-        await asyncio.sleep(0.05)  # let the answer that reached max_requests leave
-        await runner.cleanup()  # stops accepting, waits for in-flight handlers
