@@ -16,7 +16,19 @@ from tdm_r1.rewards.base import RewardFailureError
 from tdm_r1.run import RunStopped
 from tdm_r1.worlds.ocr import PromptFileError
 
-COMMANDS = ("pretrain", "distill", "train", "export", "report", "sample", "eval", "bench", "plan", "reward-server")
+COMMANDS = (
+    "pretrain",
+    "distill",
+    "train",
+    "export",
+    "report",
+    "sample",
+    "eval",
+    "bench",
+    "plan",
+    "reward-server",
+    "label",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
