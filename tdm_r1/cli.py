@@ -16,19 +16,8 @@ from tdm_r1.rewards.base import RewardFailureError
 from tdm_r1.run import RunStopped
 from tdm_r1.worlds.ocr import PromptFileError
 
-COMMANDS = (
-    "pretrain",
-    "distill",
-    "train",
-    "export",
-    "report",
-    "sample",
-    "eval",
-    "bench",
-    "plan",
-    "reward-server",
-    "label",
-)
+COMMANDS = ("pretrain", "distill", "train", "export", "report", "sample", "eval", "bench", "plan", "reward-server",
+            "label", "label-sim")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

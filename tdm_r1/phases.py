@@ -109,6 +109,7 @@ def train_epoch(run, scorer: RewardScorer, epoch: int) -> dict[str, float]:
     cfg, progress, tc = run.cfg, run.progress, run.cfg.train
     overlap = cfg.perf.overlap_reward
     t0 = time.time()
+    scorer.begin_epoch(epoch, cfg.run_dir)
     batch = rollout_phase(
         run.roles, run.world, progress.stream, scorer, tc, cfg.tdm, progress.gen, run.split, cfg.perf.encode_once,
         wait=not overlap,

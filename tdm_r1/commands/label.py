@@ -58,6 +58,8 @@ def main(args: argparse.Namespace) -> int:
 
     def ready(port: int) -> None:
         print(f"label: {run} on http://{args.host}:{port}/#token=TOKEN", flush=True)
+        local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        store.set_state(label_url=f"http://{local}:{port}")  # where `tdm-r1 label-sim` finds the page
         if args.port_file:
             Path(args.port_file).write_text(str(port))
 

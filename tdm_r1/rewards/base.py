@@ -84,6 +84,7 @@ BUILTIN_REWARDS: dict[str, str] = {
     "remote": "tdm_r1.rewards.remote:build_remote",
     "counting": "tdm_r1.rewards.counting:build_counting",
     "owlv2_count": "tdm_r1.rewards.owlv2_count:build_owlv2_count",
+    "human": "tdm_r1.rewards.human:build_human",
 }
 _REGISTRY: dict[str, Callable[..., Reward]] = {}  # registered at run time (register_reward)
 

@@ -39,6 +39,13 @@ class RewardScorer:
     def weights(self) -> list[float]:
         return [float(w) for _, w in self.rewards]
 
+    def begin_epoch(self, epoch: int, run_dir) -> None:
+        """Tell the rewards that want it (`begin_epoch`, e.g. `human`) which epoch's rollout comes and the run's
+        directory."""
+        for reward, _ in self.rewards:
+            if hasattr(reward, "begin_epoch"):
+                reward.begin_epoch(epoch, run_dir)
+
     def take_stats(self) -> dict[str, float]:
         """Per-reward service figures since the last call (rewards with `take_stats`, e.g. `remote`), keyed
         reward_<name>_<figure>."""

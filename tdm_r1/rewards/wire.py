@@ -21,15 +21,21 @@ class WireError(ValueError):
     """A request that does not follow the format; the message names the field or sample."""
 
 
-def encode_png(image: torch.Tensor) -> str:
-    """[C, H, W] float in [0, 1] -> base64 PNG, 8-bit, rounded to the nearest level (as the OCR reward rounds)."""
+def png_bytes(image: torch.Tensor) -> bytes:
+    """[C, H, W] float in [0, 1] -> PNG bytes, 8-bit, rounded to the nearest level (as the OCR reward rounds); one
+    channel when the image is grey."""
     x = (image.detach().float().cpu().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
     if x.shape[0] == 3 and bool((x[0] == x[1]).all() and (x[1] == x[2]).all()):
         x = x[:1]
     arr = x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def encode_png(image: torch.Tensor) -> str:
+    """[C, H, W] float in [0, 1] -> base64 PNG (png_bytes)."""
+    return base64.b64encode(png_bytes(image)).decode("ascii")
 
 
 def decode_png(data: object, index: int, max_side: int) -> torch.Tensor:
@@ -40,6 +46,11 @@ def decode_png(data: object, index: int, max_side: int) -> torch.Tensor:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
         raise WireError(f"images[{index}]: not base64 ({e})") from e
+    return png_tensor(raw, index, max_side)
+
+
+def png_tensor(raw: bytes, index: int, max_side: int) -> torch.Tensor:
+    """PNG bytes -> [3, H, W] float in [0, 1]; a WireError naming sample `index` when they are not one."""
     if not raw.startswith(b"\x89PNG\r\n\x1a\n"):
         raise WireError(f"images[{index}]: not a PNG")
     try:
