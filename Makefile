@@ -7,7 +7,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: venv native demo demo-run ablations default default-ablations layout layout-ablations test test-crash lint bench bench-train teacher \
-	student layout-teacher layout-student blot-teacher blot-student counting counting-ablations \
+	student layout-teacher layout-student blot-teacher blot-student counting counting-ablations demo-human \
 	counting-teacher counting-student clean
 
 venv: $(STAMP)
@@ -45,6 +45,19 @@ demo:
 demo-run: venv native
 	$(BIN)/tdm-r1 train --config configs/toy_ocr_blot_r1.yaml
 	@cat runs/demo/report.md
+
+# TDM-R1 from likes (docs/human_labels.md): the labelling page of runs/demo_human and a simulated labeller (likes text
+# OCR reads exactly, one label in ten flipped) in the background while the demo's recipe trains on the `human` reward;
+# an earlier runs/demo_human is moved aside first (its labels would be found again). Open the page yourself with a token
+# from `tdm-r1 label --run runs/demo_human --add-labeller NAME`.
+demo-human: venv native
+	@if [ -e runs/demo_human ]; then mv runs/demo_human runs/demo_human.$$(date +%Y%m%d-%H%M%S); fi; \
+	mkdir -p runs/demo_human; \
+	$(BIN)/tdm-r1 label --run runs/demo_human --port 0 --max-seconds 7200 > runs/demo_human.label.log 2>&1 & page=$$!; \
+	$(BIN)/tdm-r1 label-sim --run runs/demo_human --rule ocr_exact --flip 0.1 --max-seconds 7200 \
+		> runs/demo_human.sim.log 2>&1 & sim=$$!; \
+	trap 'kill $$page $$sim 2> /dev/null' EXIT; \
+	$(BIN)/tdm-r1 train --config configs/toy_ocr_blot_human.yaml && cat runs/demo_human/report.md
 
 # The paper's ablations at the demo's epoch budget (direct-RL generator loss; eta = 1 stochastic rollouts) and the
 # control without the learned-reward term (KL + CFG only), added as rows to runs/demo/report.md (run `make demo` first).
