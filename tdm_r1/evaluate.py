@@ -95,7 +95,8 @@ def evaluate_seeds(
     run: Callable[[EvalConfig], tuple[dict, torch.Tensor]], ecfg: EvalConfig, seeds: int, metric: str = "ocr"
 ) -> tuple[dict, torch.Tensor]:
     """`run` (an `evaluate` call given its EvalConfig) at the eval seeds ecfg.seed, ecfg.seed + 1, ... (`seeds` of
-    them): <metric>_mean / _exact pooled over every scored sample, each seed's mean (<metric>_mean_per_seed) and the
+    them): <metric>_mean / _exact pooled over every scored sample, each seed's mean and exact rate
+    (<metric>_mean_per_seed, <metric>_exact_per_seed) and the
     standard error of the mean across seeds (<metric>_mean_sem): one seed's 256 samples move a checkpoint's mean by
     about +-0.01, as much as the gains one compares. Images are the first seed's; seeds == 1 is `run` itself."""
     if seeds < 1:
@@ -121,6 +122,7 @@ def evaluate_seeds(
         "seeds": [ecfg.seed + i for i in range(seeds)],
         f"{metric}_mean_per_seed": means,
         f"{metric}_mean_sem": float(np.std(means, ddof=1) / math.sqrt(seeds)),
+        f"{metric}_exact_per_seed": [r[f"{metric}_exact"] for r in results],
     }
     return out, runs[0][1]
 

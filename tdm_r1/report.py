@@ -220,6 +220,12 @@ def paired_gain(start: dict, final: dict, metric: str = "ocr") -> dict:
         mean = sum(per) / k
         sem = math.sqrt(sum((d - mean) ** 2 for d in per) / (k - 1) / k)
         gain |= {"seeds": start["seeds"], "per_seed": per, "sem": sem, "seeds_positive": sum(d > 0 for d in per)}
+        exact = f"{metric}_exact_per_seed"
+        if exact in start and exact in final:  # the rate of perfect scores (a like rule's rate), paired the same way
+            per = [b - a for a, b in zip(start[exact], final[exact])]
+            mean = sum(per) / k
+            gain |= {"exact": mean, "exact_per_seed": per, "exact_seeds_positive": sum(d > 0 for d in per),
+                     "exact_sem": math.sqrt(sum((d - mean) ** 2 for d in per) / (k - 1) / k)}  # fmt: skip
     return gain
 
 
@@ -246,6 +252,11 @@ def gain_line(gain: dict, metric: str = "ocr", seeds_field: str = "eval.seeds") 
             f" +- {gain['sem']:.4f} (standard error of the paired per-seed differences; "
             f"{gain['seeds_positive']}/{len(gain['per_seed'])} seeds positive: {per})"
         )
+        if "exact" in gain:
+            text += (
+                f"; in {metric}_exact (the share of perfect scores) {gain['exact']:+.4f} +- {gain['exact_sem']:.4f} "
+                f"({gain['exact_seeds_positive']}/{len(gain['exact_per_seed'])} seeds positive)"
+            )
     else:
         text += f" (one eval seed, no error estimate: set {seeds_field} > 1 for one)"
     return text + "."

@@ -5,8 +5,8 @@ click and by keyboard, an undo, a reload that keeps them, a second labeller whos
 from __future__ import annotations
 
 import math
-import re
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -60,7 +60,8 @@ def test_labelling_in_a_browser(tmp_path):
             expect(tiles).to_have_count(6)
             expect(page.locator("#who")).to_have_text("labeller: ann")
             assert "token" not in page.url  # the token left the address bar
-            expect(tiles.nth(0).locator("img")).to_have_attribute("src", re.compile(r"^blob:"))  # fetched with the token
+            # each image fetched with the token, shown from a blob
+            expect(tiles.nth(0).locator("img")).to_have_attribute("src", re.compile(r"^blob:"))
 
             tiles.nth(0).locator(".like-btn").click()  # by click: tile 0 liked, focus moves to tile 1
             expect(tiles.nth(0)).to_have_class("tile like")

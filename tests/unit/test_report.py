@@ -184,3 +184,17 @@ def test_reporter_keeps_the_start_samples_and_labels_them_with_the_end(tmp_path)
     )
     for name in ("samples_end.png", "samples_start_end.png"):
         assert Image.open(tmp_path / name).size[0] > 0, name
+
+
+def test_paired_gain_in_the_exact_rate_by_hand():
+    from tdm_r1.report import gain_line, paired_gain
+
+    start = {"ocr_mean": 0.5, "seeds": [1, 2, 3], "ocr_mean_per_seed": [0.5, 0.4, 0.6],
+             "ocr_exact_per_seed": [0.2, 0.3, 0.1]}  # fmt: skip
+    final = {"ocr_mean": 0.7, "seeds": [1, 2, 3], "ocr_mean_per_seed": [0.7, 0.6, 0.8],
+             "ocr_exact_per_seed": [0.5, 0.4, 0.4]}  # fmt: skip
+    g = paired_gain(start, final)
+    # exact differences 0.3, 0.1, 0.3: mean 0.7 / 3, sample sd sqrt(((0.0667)^2 * 2 + (0.1333)^2) / 2) / sqrt(3)
+    assert g["exact"] == pytest.approx(0.7 / 3) and g["exact_seeds_positive"] == 3
+    assert g["exact_sem"] == pytest.approx(((2 * (0.3 - 0.7 / 3) ** 2 + (0.1 - 0.7 / 3) ** 2) / 2 / 3) ** 0.5)
+    assert "in ocr_exact (the share of perfect scores) +0.2333 +- 0.0667 (3/3 seeds positive)" in gain_line(g)
