@@ -51,6 +51,27 @@ def require_package(module: str, reward: str, install: str):
         raise RewardSetupError(f"reward {reward!r} needs the `{module}` package ({install}): {e}") from e
 
 
+def load_transformers_folder(
+    path: str, reward: str, what: str, hint: str, model_class: str, install: str, files: tuple[str, ...] = ()
+):
+    """(processor, model) of a reward's local transformers folder (a model saved with its processor), offline, the
+    model frozen in eval mode on the CPU; every missing file (config.json, the processor's config, `files`) named in
+    one RewardSetupError."""
+    root = require_path(path, reward, what, hint)
+    transformers = require_package("transformers", reward, install)
+    missing = [f for f in ("config.json", *files) if not (root / f).is_file()]
+    if not any((root / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
+        missing.append("preprocessor_config.json")  # processor_config.json when transformers >= 5 saved it
+    if missing:
+        raise RewardSetupError(f"reward {reward!r}: {root} lacks {', '.join(missing)}. {hint}")
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(root, local_files_only=True)
+        model = getattr(transformers, model_class).from_pretrained(root, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise RewardSetupError(f"reward {reward!r}: could not load {root}: {e}. {hint}") from e
+    return processor, model.eval().requires_grad_(False)
+
+
 def reward_device(device: str) -> torch.device:
     """train.rewards[].device: auto = this process's CUDA device when there is one, else the CPU."""
     if device == "auto":

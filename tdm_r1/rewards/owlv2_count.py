@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from tdm_r1.config import RewardTermConfig
-from tdm_r1.rewards.base import RewardSetupError, require_package, require_path, reward_device, reward_options
+from tdm_r1.rewards.base import load_transformers_folder, require_package, reward_device, reward_options
 from tdm_r1.rewards.geneval import MAX_OBJECTS, Detection, geneval_score
 from tdm_r1.rewards.pickscore import to_pil
 
@@ -95,21 +95,14 @@ class OwlCount:
     name = "owlv2_count"
 
     def __init__(self, path: str, opts: OwlCountOptions, device: str = "auto", batch_size: int = 16):
-        root = require_path(path, self.name, "a local OWLv2 folder", HINT)
-        transformers = require_package("transformers", self.name, "pip install 'tdm-r1[detect]'")
-        missing = [f for f in ("config.json", "tokenizer_config.json") if not (root / f).is_file()]
-        if not any((root / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
-            missing.append("preprocessor_config.json")
-        if missing:
-            raise RewardSetupError(f"reward '{self.name}': {root} lacks {', '.join(missing)}. {HINT}")
-        require_package("scipy", self.name, "pip install 'tdm-r1[detect]': OWLv2's image processor needs scipy")
+        install = "pip install 'tdm-r1[detect]'"
+        files = ("tokenizer_config.json",)
+        self.processor, model = load_transformers_folder(
+            path, self.name, "a local OWLv2 folder", HINT, "Owlv2ForObjectDetection", install, files
+        )
+        require_package("scipy", self.name, f"{install}: OWLv2's image processor needs scipy")
         self.opts, self.batch_size, self.device = opts, batch_size, reward_device(device)
-        try:
-            self.processor = transformers.AutoProcessor.from_pretrained(root, local_files_only=True)
-            self.model = transformers.Owlv2ForObjectDetection.from_pretrained(root, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise RewardSetupError(f"reward '{self.name}': could not load {root}: {e}. {HINT}") from e
-        self.model = self.model.eval().requires_grad_(False).to(self.device)
+        self.model = model.to(self.device)
         self._warned: set[str] = set()
 
     def _detect(self, images: torch.Tensor, queries: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from tdm_r1.config import ConfigError, RewardTermConfig
-from tdm_r1.rewards.base import RewardSetupError, require_package, require_path, reward_device
+from tdm_r1.rewards.base import load_transformers_folder, reward_device
 
 HINT = (
     "Put PickScore_v1 (config.json + weights) and the CLIP-ViT-H-14 processor files (preprocessor_config.json, "
@@ -40,21 +40,12 @@ class PickScore:
     name = "pickscore"
 
     def __init__(self, path: str, device: str = "auto", batch_size: int = 32):
-        root = require_path(path, self.name, "a local PickScore folder", HINT)
-        transformers = require_package("transformers", self.name, "pip install 'tdm-r1[diffusers]'")
-        missing = [] if (root / "config.json").is_file() else ["config.json"]
-        if not any((root / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
-            missing.append("preprocessor_config.json")  # processor_config.json when transformers >= 5 saved it
-        if missing:
-            raise RewardSetupError(f"reward 'pickscore': {root} lacks {', '.join(missing)}. {HINT}")
+        self.processor, model = load_transformers_folder(
+            path, self.name, "a local PickScore folder", HINT, "CLIPModel", "pip install 'tdm-r1[diffusers]'"
+        )
         self.device = reward_device(device)
         self.batch_size = batch_size
-        try:
-            self.processor = transformers.AutoProcessor.from_pretrained(root, local_files_only=True)
-            self.model = transformers.CLIPModel.from_pretrained(root, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise RewardSetupError(f"reward 'pickscore': could not load {root}: {e}. {HINT}") from e
-        self.model = self.model.eval().requires_grad_(False).to(self.device)
+        self.model = model.to(self.device)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str], targets: list[dict]) -> torch.Tensor:

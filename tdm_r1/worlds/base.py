@@ -28,3 +28,15 @@ class World(Protocol):
     def targets(self, items: list[str]) -> list[dict]:
         """Each item's reward targets, one dict per item (the rewards' third argument)."""
         ...
+
+
+class SizedByConfig:
+    """A toy world's image size, read from its `world:` section (`self.cfg`)."""
+
+    @property
+    def height(self) -> int:
+        return self.cfg.height
+
+    @property
+    def width(self) -> int:
+        return self.cfg.width

@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from tdm_r1.config import ConfigError, WorldConfig
+from tdm_r1.worlds.base import SizedByConfig
 from tdm_r1.worlds.ocr import PromptFileError, numbered_lines, shown
 
 # Colours as RGB in [0, 1], on a light grey background (BACKGROUND).
@@ -124,20 +125,12 @@ def shape_mask(shape: str, size: int) -> np.ndarray:
 
 
 @dataclass
-class CountingWorld:
+class CountingWorld(SizedByConfig):
     cfg: WorldConfig
     opts: CountingOptions
     train_prompts: dict[str, Request]
     heldout_prompts: dict[str, Request]
     reward = "counting"  # what evaluates a checkpoint of this world when no run config names a reward (strict score)
-
-    @property
-    def height(self) -> int:
-        return self.cfg.height
-
-    @property
-    def width(self) -> int:
-        return self.cfg.width
 
     def items(self, split: str) -> list[str]:
         if split == "train":

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from tdm_r1.config import ConfigError, WorldConfig
+from tdm_r1.worlds.base import SizedByConfig
 
 
 class PromptFileError(ValueError):
@@ -89,18 +90,10 @@ def _blot(alpha: np.ndarray, frac: float, rng: np.random.Generator) -> np.ndarra
 
 
 @dataclass
-class OCRWorld:
+class OCRWorld(SizedByConfig):
     cfg: WorldConfig
     train_words: list[str]
     heldout_words: list[str]
-
-    @property
-    def height(self) -> int:
-        return self.cfg.height
-
-    @property
-    def width(self) -> int:
-        return self.cfg.width
 
     def prompt(self, word: str) -> str:
         return self.cfg.prompt_template.format(word=word)
