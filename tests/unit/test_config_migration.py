@@ -58,8 +58,8 @@ def test_resume_compares_configs_in_todays_keys():
 def test_worlds_are_named_by_registry_or_import_path():
     from tdm_r1.worlds import BUILTIN_WORLDS, build_world
 
-    assert set(BUILTIN_WORLDS) == {"ocr"}
-    with pytest.raises(ValueError, match="unknown world 'nope'; registered: ocr; or an import path"):
+    assert set(BUILTIN_WORLDS) == {"ocr", "counting"}
+    with pytest.raises(ValueError, match="unknown world 'nope'; registered: (ocr, counting|counting, ocr); or"):
         build_world(load_config(None, ["world.name=nope"]).world)
     with pytest.raises(ConfigError, match=r"world.options: the ocr world.s settings are world.\* keys"):
         build_world(load_config(None, ["world.options={font: x}"]).world)
