@@ -7,7 +7,10 @@ one prompt per line; the held-out file holds (count, colour, shape) combinations
 number forms (tools/counting_prompts.py writes both files).
 
 The canvas is world.height x world.width (16 x 64 by default, 3 channels) with `slots` cells in a row; each object
-sits in its own cell (a random choice of cells, a small random offset inside it), so objects never touch. The world's
+sits in its own cell with a small random offset inside it, so objects never touch. `layout: left` fills the first N
+cells (a row of N items from the left: the count is where the row ends, which a 1.8M-parameter model learns as it
+learns where a word ends); `layout: random` picks N cells at random (the count is a global property, which the toy
+teacher did not learn in 1500 steps: it drew objects in most cells whatever the count). The world's
 defect (`miscount_prob`): a share of the renders shows one object more or fewer than the caption says, as the
 captions of web-scale data miscount; a teacher that learns its data miscounts as often. The reward is
 `tdm_r1.rewards.counting` (connected components, shape and colour by geometry).
@@ -16,6 +19,7 @@ captions of web-scale data miscount; a teacher that learns its data miscounts as
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import numpy as np
 import torch
@@ -101,6 +105,7 @@ class CountingOptions:
     slots: int = 6  # cells in the row; at least the largest count plus one (a miscounted render may add one)
     size: int = 7  # object side in pixels
     jitter_y: int = 2  # vertical offset in [-jitter_y, jitter_y]
+    layout: Literal["left", "random"] = "left"  # the first N cells, or N cells at random
     # Share of renders whose count is one off the caption's (one more or one fewer, chosen evenly; one more for a
     # count of 1, one fewer at the largest count the cells allow).
     miscount_prob: float = 0.0
@@ -171,7 +176,8 @@ class CountingWorld(SizedByConfig):
         cell = w // o.slots
         alpha = np.zeros((h, w), np.float32)
         mask = shape_mask(req.shape, o.size)
-        for slot in sorted(rng.choice(o.slots, size=n, replace=False).tolist()):
+        cells = range(n) if o.layout == "left" else sorted(rng.choice(o.slots, size=n, replace=False).tolist())
+        for slot in cells:
             x = slot * cell + int(rng.integers(1, cell - o.size))  # 1 px .. cell - size - 1: gaps >= 2 px
             y = (h - o.size) // 2 + int(rng.integers(-o.jitter_y, o.jitter_y + 1))
             alpha[y : y + o.size, x : x + o.size] = mask
@@ -202,6 +208,8 @@ def build_world(cfg: WorldConfig) -> CountingWorld:
     opts = CountingOptions(**cfg.options)
     if cfg.channels != 3:
         raise ConfigError("the counting world is in colour: world.channels must be 3")
+    if opts.layout not in ("left", "random"):
+        raise ConfigError(f"world.options.layout must be 'left' or 'random', got {opts.layout!r}")
     if not 0.0 <= opts.miscount_prob <= 1.0:
         raise ConfigError(f"world.options.miscount_prob must be in [0, 1], got {opts.miscount_prob}")
     if opts.slots < MAX_COUNT or cfg.width // opts.slots < opts.size + 2:
