@@ -103,7 +103,7 @@ class CountingOptions:
     train_prompts: str = "configs/words/counting_train.txt"
     heldout_prompts: str = "configs/words/counting_heldout.txt"
     slots: int = 6  # cells in the row; at least the largest count plus one (a miscounted render may add one)
-    size: int = 7  # object side in pixels
+    size: int = 7  # object side in pixels (centred in its cell, +- a jitter that keeps gaps of 4 px)
     jitter_y: int = 2  # vertical offset in [-jitter_y, jitter_y]
     layout: Literal["left", "random"] = "left"  # the first N cells, or N cells at random
     # Share of renders whose count is one off the caption's (one more or one fewer, chosen evenly; one more for a
@@ -174,11 +174,12 @@ class CountingWorld(SizedByConfig):
         o, h, w = self.opts, self.height, self.width
         n = self.shown_count(req.count, rng) if count is None else count
         cell = w // o.slots
+        margin, jitter = (cell - o.size) // 2, max(0, (cell - o.size - 4) // 2)  # gaps >= min(4, cell - size) px
         alpha = np.zeros((h, w), np.float32)
         mask = shape_mask(req.shape, o.size)
         cells = range(n) if o.layout == "left" else sorted(rng.choice(o.slots, size=n, replace=False).tolist())
         for slot in cells:
-            x = slot * cell + int(rng.integers(1, cell - o.size))  # 1 px .. cell - size - 1: gaps >= 2 px
+            x = slot * cell + margin + int(rng.integers(-jitter, jitter + 1))
             y = (h - o.size) // 2 + int(rng.integers(-o.jitter_y, o.jitter_y + 1))
             alpha[y : y + o.size, x : x + o.size] = mask
         fg, bg = np.asarray(COLOURS[req.colour], np.float32), np.asarray(BACKGROUND, np.float32)
