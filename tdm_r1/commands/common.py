@@ -20,6 +20,36 @@ def add_set_arg(p: argparse.ArgumentParser, help_text: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text)
 
 
+def add_server_args(p: argparse.ArgumentParser, port: int, requests: str) -> None:
+    """What every HTTP server command takes: where it binds, and the limits tests stop it by."""
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--port", type=int, default=port, help="port (0: any free one, printed)")
+    p.add_argument("--max-requests", type=int, default=0, help=f"stop after answering this many {requests} (0: never)")
+    p.add_argument("--max-seconds", type=float, default=0.0, help="stop after this long (0: never)")
+    p.add_argument("--port-file", default=None, help="write the bound port here once listening")
+
+
+def run_server(args: argparse.Namespace, command: str, app, stop_event, announce) -> None:
+    """Serve `app` as add_server_args say: a warning when reachable from other machines; once listening,
+    `announce(port)` and the port file; until stopped (tdm_r1.serving.serve)."""
+    import asyncio
+    import logging
+
+    from tdm_r1.serving import is_loopback, serve
+
+    if not is_loopback(args.host):
+        logging.getLogger(f"tdm_r1.commands.{command}").warning(
+            "%s: binding %s, reachable from other machines; put TLS in front of it", command, args.host
+        )
+
+    def ready(port: int) -> None:
+        announce(port)
+        if args.port_file:
+            Path(args.port_file).write_text(str(port))
+
+    asyncio.run(serve(app, stop_event, args.host, args.port, args.max_seconds, ready))
+
+
 def add_resume_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume",

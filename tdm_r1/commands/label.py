@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 from pathlib import Path
 
+from tdm_r1.commands.common import add_server_args, run_server
 from tdm_r1.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -21,20 +21,15 @@ DESCRIPTION = (
 def register(sub) -> None:
     p = sub.add_parser("label", help="serve the labelling page of a run (human likes)", description=DESCRIPTION)
     p.add_argument("--run", required=True, help="the run directory (its labels.sqlite is created if missing)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    p.add_argument("--port", type=int, default=8780, help="port (0: any free one, printed)")
+    add_server_args(p, 8780, "API requests")
     p.add_argument("--add-labeller", metavar="NAME", help="register a labeller (or renew their token), print the token")
     p.add_argument("--export", metavar="FILE", help="write every label to FILE (.jsonl or .csv) and exit")
-    p.add_argument("--max-requests", type=int, default=0, help="stop after answering this many API requests (0: never)")
-    p.add_argument("--max-seconds", type=float, default=0.0, help="stop after this long (0: never)")
-    p.add_argument("--port-file", default=None, help="write the bound port here once listening")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     from tdm_r1.labels.server import LabelService, build_app
     from tdm_r1.labels.store import LabelError, LabelStore
-    from tdm_r1.serving import is_loopback, serve
 
     run = Path(args.run)
     if not run.is_dir():
@@ -52,18 +47,14 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from e
     if not store.labellers():
         log.warning("label: %s has no labellers yet: add one with --add-labeller NAME", run)
-    if not is_loopback(args.host):
-        log.warning("label: binding %s, reachable from other machines; put TLS in front of it", args.host)
     service = LabelService(store, args.max_requests)
 
-    def ready(port: int) -> None:
+    def announce(port: int) -> None:
         print(f"label: {run} on http://{args.host}:{port}/#token=TOKEN", flush=True)
         local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         store.set_state(label_url=f"http://{local}:{port}")  # where `tdm-r1 label-sim` finds the page
-        if args.port_file:
-            Path(args.port_file).write_text(str(port))
 
-    asyncio.run(serve(build_app(service), lambda: service.stop, args.host, args.port, args.max_seconds, ready))
+    run_server(args, "label", build_app(service), lambda: service.stop, announce)
     print(f"label: stopped after {service.answered} requests", flush=True)
     store.close()
     return 0

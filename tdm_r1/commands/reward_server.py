@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
-import logging
 from pathlib import Path
 
 import yaml
 
-from tdm_r1.commands.common import add_set_arg
+from tdm_r1.commands.common import add_server_args, add_set_arg, run_server
 from tdm_r1.config import ConfigError, RewardTermConfig
 
-log = logging.getLogger(__name__)
 DESCRIPTION = (
     "Serve one reward (OCR, PickScore, GenEval, the toy rewards, or your own by import path) at POST /score with "
     "bearer-token auth, request limits and batching across clients; GET /health reports it. Binds 127.0.0.1 unless "
@@ -25,16 +22,12 @@ def register(sub) -> None:
     p = sub.add_parser("reward-server", help="serve a reward over HTTP (for `remote` rewards)", description=DESCRIPTION)
     p.add_argument("--reward", required=True, help="a registered reward name or an import path module:factory")
     add_set_arg(p, "the reward's entry: path, device, batch_size, or one of its options (repeatable)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    p.add_argument("--port", type=int, default=8765, help="port (0: any free one, printed)")
+    add_server_args(p, 8765, "requests")
     p.add_argument("--token-file", required=True, help="file holding the bearer token clients must send")
     p.add_argument("--max-body-mb", type=float, default=64.0)
     p.add_argument("--max-images", type=int, default=64, help="images per request")
     p.add_argument("--max-side", type=int, default=2048, help="pixels, either side of an image")
     p.add_argument("--queue", type=int, default=512, help="images waiting at most; beyond, 503")
-    p.add_argument("--max-requests", type=int, default=0, help="stop after answering this many (0: never)")
-    p.add_argument("--max-seconds", type=float, default=0.0, help="stop after this long (0: never)")
-    p.add_argument("--port-file", default=None, help="write the bound port here once listening")
     p.set_defaults(func=main)
 
 
@@ -57,7 +50,6 @@ def reward_term(name: str, overrides: list[str]) -> RewardTermConfig:
 def main(args: argparse.Namespace) -> int:
     from tdm_r1.rewards.base import build_reward
     from tdm_r1.rewards.server import Limits, RewardService, build_app
-    from tdm_r1.serving import is_loopback, serve
 
     token_path = Path(args.token_file)
     if not token_path.is_file():
@@ -65,18 +57,14 @@ def main(args: argparse.Namespace) -> int:
     token = token_path.read_text().strip()
     if len(token) < 16:
         raise ConfigError(f"--token-file {args.token_file}: the token must have at least 16 characters")
-    if not is_loopback(args.host):
-        log.warning("reward-server: binding %s, reachable from other machines; put TLS in front of it", args.host)
     term = reward_term(args.reward, args.overrides)
     reward = build_reward(term)
     limits = Limits(args.max_body_mb, args.max_images, args.max_side, args.queue, max(1, term.batch_size))
     service = RewardService(reward, term, token, limits, args.max_requests)
 
-    def ready(port: int) -> None:
+    def announce(port: int) -> None:
         print(f"reward-server: {term.name} on http://{args.host}:{port}", flush=True)
-        if args.port_file:
-            Path(args.port_file).write_text(str(port))
 
-    asyncio.run(serve(build_app(service), lambda: service.stop, args.host, args.port, args.max_seconds, ready))
+    run_server(args, "reward-server", build_app(service), lambda: service.stop, announce)
     print(f"reward-server: stopped after {service.answered} requests ({service.served} scored)", flush=True)
     return 0

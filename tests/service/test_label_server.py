@@ -115,3 +115,26 @@ def test_label_command_errors_are_named(tmp_path, capsys):
     store = LabelStore.of_run(tmp_path / "r")
     assert len(token) >= 24 and store.labeller_of(token) == "carol"
     store.close()
+
+
+def test_server_commands_warn_when_reachable_from_other_machines(monkeypatch, caplog, tmp_path):
+    import argparse
+
+    from tdm_r1 import serving
+    from tdm_r1.commands.common import run_server
+
+    calls = []
+
+    async def fake_serve(app, stop_event, host, port, max_seconds, ready):  # nothing is bound in this test
+        calls.append((host, port))
+        ready(4321)
+
+    monkeypatch.setattr(serving, "serve", fake_serve)
+    announced = []
+    for host in ("127.0.0.1", "0.0.0.0"):
+        args = argparse.Namespace(host=host, port=0, max_seconds=1.0, port_file=str(tmp_path / host))
+        run_server(args, "label", None, None, announced.append)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["label: binding 0.0.0.0, reachable from other machines; put TLS in front of it"]
+    assert calls == [("127.0.0.1", 0), ("0.0.0.0", 0)] and announced == [4321, 4321]
+    assert (tmp_path / "0.0.0.0").read_text() == "4321"
