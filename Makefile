@@ -148,8 +148,10 @@ counting: venv native
 counting-ablations: venv native
 	$(call ablation_runs,configs/toy_counting_r1.yaml,runs/counting)
 
-# The counting world's teacher (configs/toy_counting_teacher.yaml) and its 4-step student.
+# The counting world's teacher (two stages: configs/toy_counting_teacher_base.yaml, then
+# configs/toy_counting_teacher.yaml from its weights) and its 4-step student.
 counting-teacher: venv
+	$(BIN)/tdm-r1 pretrain --config configs/toy_counting_teacher_base.yaml
 	$(BIN)/tdm-r1 pretrain --config configs/toy_counting_teacher.yaml
 
 counting-student: venv

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
 from pathlib import Path
 
@@ -122,6 +123,17 @@ class Teacher:
         self.step = int(state["step"])
 
 
+def pretrain_lr(pc, step: int) -> float:
+    """The learning rate of step `step` (1-based): linear warmup to `lr`, then `lr` or, with `final_lr`, a half cosine
+    from `lr` down to `final_lr` at step `steps`."""
+    if step <= pc.warmup_steps:
+        return pc.lr * step / max(1, pc.warmup_steps)
+    if pc.final_lr is None:
+        return pc.lr
+    done = (step - pc.warmup_steps) / max(1, pc.steps - pc.warmup_steps)
+    return pc.final_lr + (pc.lr - pc.final_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
+
+
 def pretrain_run(cfg: Config, world, init: dict | None, resume: str | None = None) -> Path:
     pc = cfg.pretrain
     run = Path(cfg.run_dir)
@@ -145,7 +157,7 @@ def pretrain_run(cfg: Config, world, init: dict | None, resume: str | None = Non
         s = torch.sigmoid(torch.randn(pc.batch_size) * pc.logit_normal_std)
         loss = flow_matching_loss(model, x0, prompts, s, torch.randn_like(x0))
         for g in opt.param_groups:
-            g["lr"] = pc.lr * min(1.0, step / max(1, pc.warmup_steps))
+            g["lr"] = pretrain_lr(pc, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), pc.grad_clip))

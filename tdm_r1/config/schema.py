@@ -61,6 +61,9 @@ class PretrainConfig:
     batch_size: int = 64
     lr: float = 5e-4
     warmup_steps: int = 200
+    # None: the rate stays at `lr` after warmup; a number: it falls from `lr` to `final_lr` on a half cosine over the
+    # steps after warmup (step `steps` at exactly final_lr)
+    final_lr: float | None = None
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.995

@@ -62,6 +62,7 @@ RULES: dict[str, list[Rule]] = {
         _at_least("pretrain.batch_size", 1),
         _at_least("pretrain.lr", 0),
         _at_least("pretrain.warmup_steps", 0),
+        ("pretrain.final_lr", lambda v: v is None or v >= 0, "null or >= 0"),
         _at_least("pretrain.weight_decay", 0),
         _at_least("pretrain.grad_clip", 0),
         _in("pretrain.ema_decay", 0.0, 1.0, high_open=True),

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_counting_pipeline_end_to_end(tmp_path):
     teacher_run = tmp_path / "teacher"
     sets = [*TINY, "pretrain.steps=2", "pretrain.batch_size=4", "pretrain.save_every=0", f"run_dir={teacher_run}"]
-    pretrain(load_config("configs/toy_counting_teacher.yaml", sets))
+    pretrain(load_config("configs/toy_counting_teacher_base.yaml", sets))
     teacher = teacher_run / "teacher.safetensors"
     student_run = tmp_path / "student"
     distill(load_config("configs/toy_counting_distill.yaml", [*TINY, f"roles.teacher={teacher}", "distill.steps=1",
