@@ -66,12 +66,17 @@ def teacher_id(cfg: Config) -> str:
 
 def load_run_generator_init(cfg: Config, teacher: nn.Module, field: str = "generator_init"):
     """The few-step generator (field="generator_init") or fake score (field="fake_init") to start from (None = the
-    teacher): lora mode, adapter tensors written by
-    `tdm-r1 distill` / `train` (roles format, checked against roles.lora_*); full mode, a model checkpoint (toy) or a
-    diffusers folder whose `transformer/` is loaded into a copy of the teacher (e.g. a `tdm-r1 export` folder)."""
+    teacher). lora mode: adapter tensors written by `tdm-r1 distill` / `train` (roles format, checked against
+    roles.lora_*) or, on a diffusers model, a published LoRA (peft folder, diffusers or kohya file:
+    tdm_r1.checkpoint.published_lora) mapped onto them. full mode: a model checkpoint (toy) or a diffusers folder whose
+    `transformer/` is loaded into a copy of the teacher (e.g. a `tdm-r1 export` folder)."""
     path = getattr(cfg.roles, field)
-    if path is None or not is_diffusers(cfg) or cfg.roles.mode == "lora":
+    if path is None or not is_diffusers(cfg):
         return load_generator_init(cfg, field)
+    if cfg.roles.mode == "lora":
+        from tdm_r1.checkpoint.published_lora import read_lora_init
+
+        return read_lora_init(path, cfg.roles, teacher)
     if not (Path(path) / "transformer").is_dir():
         raise ConfigError(
             f"roles.{field}={path!r}: full mode on model.kind {cfg.model.kind} starts the generator from a "
