@@ -270,37 +270,65 @@ def update_phase(
 # -- distill: one TDM step ------------------------------------------------------------------------------
 
 
-def _distill_rollout(roles: Roles, world, stream: PromptStream, n: int, tdm: TDMConfig, gen: torch.Generator) -> Batch:
-    prompts = [world.prompt(w) for w in stream.next(n)]
+def _distill_rollout(
+    roles: Roles, world, stream: PromptStream, split: Split, tdm: TDMConfig, gen: torch.Generator
+) -> Batch:
+    """This rank's rows of one step's rollouts: the prompts and noise drawn for the whole batch (split.n)."""
+    ((rows, shard),) = split.micro_batches()
+    prompts = split.take_list([world.prompt(w) for w in stream.next(split.n)])
     cond = roles.generator.encode_prompts(prompts)
-    noise = torch.randn((n, *roles.generator.latent_shape(world.height, world.width)), generator=gen)
-    return Batch.of_rollout(prompts, cond, rollout(roles.generator, cond, noise, steps=tdm.steps, shift=tdm.shift))
+    device = next(iter(cond.fields.values())).device
+    noise = split.take(torch.randn((split.n, *roles.generator.latent_shape(world.height, world.width)), generator=gen))
+    traj = rollout(roles.generator, cond, noise.to(device), steps=tdm.steps, shift=tdm.shift)
+    return Batch.of_rollout(prompts, cond, traj, shard)
+
+
+def sample_std(x: torch.Tensor, dist: Dist = LOCAL) -> float:
+    """The standard deviation of every value of `x` on all ranks (Bessel-corrected, as torch.std)."""
+    if dist.world == 1:
+        return float(x.std())
+    x = x.double()
+    n, s1, s2 = dist.all_reduce_sum(
+        torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x.sum(), x.pow(2).sum()])
+    )
+    return float(((s2 - s1 * s1 / n) / (n - 1)).clamp(min=0.0).sqrt())
 
 
 def distill_step(
-    roles: Roles, opts: dict, world, stream: PromptStream, cfg: Config, gen: torch.Generator
+    roles: Roles,
+    opts: dict,
+    world,
+    stream: PromptStream,
+    cfg: Config,
+    gen: torch.Generator,
+    split: Split | None = None,
+    dist: Dist = LOCAL,
 ) -> dict[str, float]:
     """One generator optimizer step (preceded by distill.fake_updates - 1 fake-only steps, each on a fresh rollout).
-    The drawn step indices are visited in trajectory order (sorted), as the shipped students were made."""
+    The drawn step indices are visited in trajectory order (sorted), as the shipped students were made. With `split`
+    (a distributed run), this rank's rows of each batch; the metrics are means over all ranks."""
     tdm, dcfg, ocfg = cfg.tdm, cfg.distill, cfg.optim
+    split = split or Split(dcfg.batch_size, dcfg.batch_size, 1)
     fake_params = roles.trainable()["fake"]
     for _ in range(dcfg.fake_updates - 1):
-        b = _distill_rollout(roles, world, stream, dcfg.batch_size, tdm, gen)
+        b = _distill_rollout(roles, world, stream, split, tdm, gen)
         for j in sorted(draw_steps(tdm.steps, tdm.steps_per_batch, gen)):
-            fake_score_backward(roles.fake, roles.reference, b.cond, b.traj, j, tdm, gen, 1.0 / tdm.steps_per_batch)
+            scale = 1.0 / tdm.steps_per_batch
+            fake_score_backward(roles.fake, roles.reference, b.cond, b.traj, j, tdm, gen, scale, b.shard)
         optimizer_step(opts["fake"], fake_params, ocfg.grad_clip)
-    b = _distill_rollout(roles, world, stream, dcfg.batch_size, tdm, gen)
+    b = _distill_rollout(roles, world, stream, split, tdm, gen)
     js = sorted(draw_steps(tdm.steps, tdm.steps_per_batch, gen))
     rec: dict[str, float] = {}
     scale = 1.0 / len(js)
     for j in js:
-        parts = fake_score_backward(roles.fake, roles.reference, b.cond, b.traj, j, tdm, gen, scale)
+        parts = fake_score_backward(roles.fake, roles.reference, b.cond, b.traj, j, tdm, gen, scale, b.shard)
         parts |= generator_backward(roles, b, j, None, tdm, gen, scale)
         for k, v in parts.items():
             rec[k] = rec.get(k, 0.0) + v * scale
+    rec = dist.mean_metrics(rec)
     rec["grad_norm_fake"] = optimizer_step(opts["fake"], fake_params, ocfg.grad_clip)
     rec["grad_norm_generator"] = optimizer_step(opts["generator"], roles.trainable()["generator"], ocfg.grad_clip)
     update_shadow(roles, "generator_ema", ocfg.generator_ema_decay)
     rec["j_mean"] = float(np.mean(js))
-    rec["sample_std"] = float(b.traj.sample.std())
+    rec["sample_std"] = sample_std(b.traj.sample, dist)
     return rec

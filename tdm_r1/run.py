@@ -43,7 +43,7 @@ from tdm_r1_kernels import dispatch
 class Run:
     cfg: Config
     dist: Dist
-    split: Split | None  # train: this rank's rows of each epoch's P x G samples
+    split: Split  # this rank's rows of each epoch's P x G samples (train) or of each step's batch (distill)
     world: World
     teacher: nn.Module | None  # the toy teacher (None for diffusers models: every role holds its own copy)
     teacher_sha: str  # the teacher's identity, stored in training states
@@ -77,10 +77,8 @@ def build_run(cfg: Config, command: str = "train", dist: Dist | None = None) -> 
     score) trains with, seeded by cfg.seed. `dist` defaults to the launch's (`distributed.init`: one process unless
     started by `deepspeed` / `torchrun`)."""
     validate(cfg, command)
-    dist = dist or (distributed.init(cfg.distributed, cfg.optim) if command == "train" else LOCAL)
-    split = (
-        distributed.epoch_split(cfg.train, dist, cfg.distributed.micro_batch_per_gpu) if command == "train" else None
-    )
+    dist = dist or distributed.init(cfg.distributed, cfg.optim)
+    split = run_split(cfg, command, dist)
     torch.manual_seed(cfg.seed)
     world = build_world(cfg, need_text=command == "train" and any(r.name == "ocr" for r in cfg.train.rewards))
     check_prompt_lengths(cfg, world)
@@ -104,6 +102,22 @@ def build_run(cfg: Config, command: str = "train", dist: Dist | None = None) -> 
     opts = wrap_roles(roles, cfg.optim, dist) if dist.deepspeed else build_optimizers(roles, cfg.optim)
     progress = Progress(0, PromptStream(world.items("train"), cfg.seed), torch.Generator().manual_seed(cfg.seed))
     return Run(cfg, dist, split, world, teacher, teacher_sha, roles, opts, progress)
+
+
+def run_split(cfg: Config, command: str, dist: Dist) -> Split:
+    """This rank's rows: of each epoch's P x G samples (train), of each step's distill.batch_size rollouts (distill:
+    one micro-batch, the random draws made for all of it)."""
+    if command == "train":
+        return distributed.epoch_split(cfg.train, dist, cfg.distributed.micro_batch_per_gpu)
+    n = cfg.distill.batch_size
+    if n % dist.world:
+        raise ConfigError(f"distill.batch_size={n} does not split over {dist.world} ranks: make it a multiple")
+    if dist.deepspeed and cfg.roles.mode == "lora" and cfg.distill.fake_updates > 1:
+        raise ConfigError(
+            "distill.fake_updates > 1 with roles.mode lora under DeepSpeed: the generator and fake adapters share one "
+            "engine, whose fake-only steps would also move the generator; use distill.fake_updates: 1"
+        )
+    return Split(n, n, 1, dist.rank, dist.world)
 
 
 def check_prompt_lengths(cfg: Config, world: World) -> None:
@@ -140,6 +154,8 @@ RUN_OUTPUTS = (
     "samples_start_end.png",
     "generator.safetensors",
     "pipeline",
+    "student_pipeline",
+    "student_fake_pipeline",
     "generator_best_gold.safetensors",
     "pipeline_best_gold",
     "student.safetensors",

@@ -80,11 +80,14 @@ class Batch:
     reward_weights: list[float] | None = None
 
     @classmethod
-    def of_rollout(cls, prompts: list[str], cond: Cond, traj: Trajectory) -> Batch:
-        """One process's unscored rollout (`distill`): each sample its own group, the draws made for these rows."""
+    def of_rollout(cls, prompts: list[str], cond: Cond, traj: Trajectory, shard: Shard | None = None) -> Batch:
+        """An unscored rollout (`distill`): each sample its own group; the draws made for these rows, or with `shard`
+        for the whole batch of which they are this rank's rows."""
         n = traj.xs.shape[1]
+        shard = shard or Shard(0, n, n, n, 0)
         zeros = torch.zeros(n)
-        return cls(prompts, prompts, cond, traj, torch.arange(n), zeros, zeros, shard=Shard(0, n, n, n, 0))
+        groups = torch.arange(shard.lo, shard.hi)  # one sample per group: its row in the whole batch
+        return cls(prompts, prompts, cond, traj, groups, zeros, zeros, shard=shard)
 
     def select(self, rows: slice, shard: Shard) -> Batch:
         idx = torch.arange(rows.start, rows.stop)

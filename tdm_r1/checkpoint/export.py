@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from tdm_r1 import checkpoint as ckpt
 from tdm_r1.checkpoint.pipeline import export_diffusers_pipeline
-from tdm_r1.checkpoint.sources import file_sha256, folder_fingerprint, load_teacher
+from tdm_r1.checkpoint.sources import file_sha256, folder_fingerprint, load_teacher, teacher_source
 from tdm_r1.config import Config, RolesConfig, from_dict, is_diffusers
 from tdm_r1.distributed import LOCAL, Dist, full_state, gathered, is_partitioned
 from tdm_r1.optim import check_finite
@@ -167,11 +167,13 @@ def export_generator(
     return out
 
 
-def export_run_pipeline(cfg: Config, roles: Roles, dist: Dist = LOCAL, folder: str = "pipeline") -> Path:
-    """<run_dir>/pipeline: the EMA generator as a diffusers pipeline folder (LoRA merged; the unchanged text encoders,
-    tokenizers and VAE symlinked to diffusers.path: `tdm-r1 export` writes a standalone copy). Collective when the
-    roles are partitioned (each tensor is gathered in turn)."""
-    tensors = role_tensors(roles, "generator_ema")
+def export_run_pipeline(
+    cfg: Config, roles: Roles, dist: Dist = LOCAL, folder: str = "pipeline", role: str = "generator_ema"
+) -> Path:
+    """<run_dir>/<folder>: one role (the EMA generator) as a diffusers pipeline folder (LoRA merged; the unchanged
+    text encoders, tokenizers and VAE symlinked to diffusers.path: `tdm-r1 export` writes a standalone copy).
+    Collective when the roles are partitioned (each tensor is gathered in turn)."""
+    tensors = role_tensors(roles, role)
     out = Path(cfg.run_dir) / folder
     if dist.is_main:
         base = roles.host.model if roles.host is not None else roles.reference.module
@@ -189,19 +191,34 @@ def export_run_pipeline(cfg: Config, roles: Roles, dist: Dist = LOCAL, folder: s
     return out
 
 
-def export_student(cfg: Config, roles: Roles, step: int, minutes: float) -> Path:
-    """`distill`'s result: student.safetensors (the EMA generator) and its fake score (for TDM-R1's roles.fake_init),
-    in lora mode also both adapters (for roles.generator_init / fake_init)."""
-    check_finite(roles, "distill: export")
+def export_student(cfg: Config, roles: Roles, step: int, minutes: float, dist: Dist = LOCAL) -> Path:
+    """`distill`'s result. Toy model: student.safetensors (the EMA generator) and its fake score (for TDM-R1's
+    roles.fake_init). Diffusers model: the pipeline folder student_pipeline/ (the EMA generator, LoRA merged: what
+    `tdm-r1 eval` / `sample` and a full-mode roles.generator_init load) and, in full mode, student_fake_pipeline/.
+    In lora mode both adapters too (student_adapter.safetensors, student_fake_adapter.safetensors: roles.generator_init
+    / fake_init). Collective when the roles are partitioned; rank 0 writes."""
+    check_finite(roles, "distill: export", dist)
     run = Path(cfg.run_dir)
     info = {"kind": "student", "step": step, "nfe": cfg.tdm.steps, "shift": cfg.tdm.shift, "minutes": minutes}
-    info |= {"teacher": cfg.roles.teacher, "roles_mode": cfg.roles.mode}
-    out = run / "student.safetensors"
-    ckpt.save_model(out, roles.export("generator_ema"), cfg.model, cfg.world, **info)
+    info |= {"teacher": teacher_source(cfg), "roles_mode": cfg.roles.mode}
     fake_info = info | {"kind": "student_fake"}
     if cfg.roles.mode == "lora":
-        ckpt.save_adapter(run / "student_adapter.safetensors", roles.adapter_tensors("generator_ema"), cfg, **info)
-        ckpt.save_adapter(run / "student_fake_adapter.safetensors", roles.adapter_tensors("fake"), cfg, **fake_info)
-    else:
-        ckpt.save_model(run / "student_fake.safetensors", roles.export("fake"), cfg.model, cfg.world, **fake_info)
+        adapters = {name: role_tensors(roles, role) for name, role in (("student", "generator_ema"), ("fake", "fake"))}
+        if dist.is_main:
+            ckpt.save_adapter(run / "student_adapter.safetensors", adapters["student"], cfg, **info)
+            ckpt.save_adapter(run / "student_fake_adapter.safetensors", adapters["fake"], cfg, **fake_info)
+    if is_diffusers(cfg):
+        out = export_run_pipeline(cfg, roles, dist, "student_pipeline")
+        if cfg.roles.mode == "full":
+            export_run_pipeline(cfg, roles, dist, "student_fake_pipeline", role="fake")
+        return out
+    out = run / "student.safetensors"
+    teacher = load_teacher(cfg) if any(is_partitioned(p) for p in roles.generator_ema.parameters()) else None
+    weights = role_weights(roles, "generator_ema", teacher, cfg.roles)
+    if dist.is_main:
+        ckpt.save_model(out, weights, cfg.model, cfg.world, **info)
+    if cfg.roles.mode == "full":
+        fake = role_weights(roles, "fake", None, cfg.roles)
+        if dist.is_main:
+            ckpt.save_model(run / "student_fake.safetensors", fake, cfg.model, cfg.world, **fake_info)
     return out
