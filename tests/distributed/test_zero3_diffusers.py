@@ -115,3 +115,60 @@ def test_export_of_the_sharded_state_is_the_pipeline_the_ranks_wrote(runs, tmp_p
         images = tiny.exported_pipeline_images(out, ["a green cat", "red cube"], noise, tiny.ZIMAGE_SEQ)
     assert exported.keys() == written.keys() and all(torch.equal(exported[k], written[k]) for k in exported)
     assert images.shape == (2, 3, tiny.HEIGHT, tiny.WIDTH) and torch.isfinite(images).all()
+
+
+# -- distill: TDM on 2 ranks --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def distill_runs(tmp_path_factory):
+    """`tdm-r1 distill` under `deepspeed` on 2 ranks (each rank rolls out 1 of each step's 2 prompts) and the same
+    config in this process."""
+    d = tmp_path_factory.mktemp("zero3_distill")
+    with tiny.one_thread():
+        source = tiny.build_tiny_zimage(d / "tiny_zimage")
+    raw = yaml.safe_load(write_config(d, source).read_text())
+    raw["distill"] = {"steps": 2, "batch_size": 2, "eval_every": 0, "checkpoint_every": 1, "log_every": 1}
+    config = d / "distill_ds.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(zero3._free_port()), "--module", "tdm_r1", "distill"]
+    proc = zero3._launch([*cmd, "--config", str(config)], d / "ranks.log")
+    try:
+        from tdm_r1.commands.distill import distill
+
+        with tiny.one_thread():
+            distill(load_config(config, [f"run_dir={d / 'single'}"]))
+    finally:
+        zero3._wait(proc, d / "ranks.log", "deepspeed distill launch")
+    return d
+
+
+def test_distill_on_two_ranks_gives_the_single_process_steps(distill_runs):
+    a, b = zero3._metrics(distill_runs / "ranks"), zero3._metrics(distill_runs / "single")
+    assert [r["step"] for r in a] == [1, 2] == [r["step"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        ra, rb = zero3._deterministic(ra), zero3._deterministic(rb)
+        for rec in (ra, rb):
+            rec.pop("seconds_step")
+        norms = [ra.pop(f"grad_norm_{r}") for r in ("generator", "fake")]  # one engine: the joint norm
+        joint = math.sqrt(sum(rb.pop(f"grad_norm_{r}") ** 2 for r in ("generator", "fake")))
+        assert norms == pytest.approx([joint] * 2, rel=RTOL)
+        assert ra.keys() == rb.keys() and rb["loss_fake"] > 0
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], rel=RTOL, abs=ATOL), k
+    sa = json.loads((distill_runs / "ranks" / "summary.json").read_text())["student_heldout"]
+    sb = json.loads((distill_runs / "single" / "summary.json").read_text())["student_heldout"]
+    assert sa["n"] == sb["n"] == 2 and sa["reward_mean"] == pytest.approx(sb["reward_mean"], rel=RTOL)
+
+
+def test_distill_on_two_ranks_writes_the_single_process_student(distill_runs):
+    roles = load_config(distill_runs / "single" / "config.yaml").roles
+    for name in ("student_adapter.safetensors", "student_fake_adapter.safetensors"):
+        xa = ckpt.read_adapter(distill_runs / "ranks" / name, roles)
+        xb = ckpt.read_adapter(distill_runs / "single" / name, roles)
+        assert xa.keys() == xb.keys() and any(v.abs().max() > 0 for k, v in xb.items() if "lora_B" in k)
+        for k in xa:
+            torch.testing.assert_close(xa[k], xb[k], rtol=RTOL, atol=ATOL, msg=f"{name} {k}")
+    assert (distill_runs / "ranks" / "student_pipeline" / "transformer").is_dir()
+    assert (distill_runs / "ranks" / "checkpoints" / "state_000002.shards").is_dir()
