@@ -77,3 +77,23 @@ def test_recipe_model_section_builds_the_adapter(name, request):
     assert model.kind == kind and model.attention_backend == "sdpa"
     assert model.transformer.gradient_checkpointing
     assert model.latent_shape(dc.height, dc.width) == (4, HEIGHT // 2, WIDTH // 2)
+
+
+def test_distill_recipe_makes_the_student_the_sd35m_recipes_start_from():
+    raw, cfg = _load("sd35m_distill")
+    text = (CONFIGS / "sd35m_distill.yaml").read_text()
+    assert f"deepspeed --num_gpus {GPUS} --module tdm_r1 distill --config configs/sd35m_distill.yaml" in text
+    assert cfg.model.kind == "sd3" and cfg.roles.mode == "lora" and cfg.roles.generator_init is None
+    assert cfg.tdm.steps == 4 and raw["distributed"]["zero_stage"] == 3
+    assert cfg.distill.batch_size % GPUS == 0 and cfg.distill.fake_updates == 1  # one engine per lora run
+    run = Path(cfg.run_dir)
+    for name in RECIPES:
+        if not name.startswith("sd35m"):
+            continue
+        recipe = _load(name)[1]
+        # the adapters load there unchanged: the same lora settings, the same teacher folder and resolution
+        same = ("lora_rank", "lora_alpha", "lora_targets")
+        assert [getattr(recipe.roles, k) for k in same] == [getattr(cfg.roles, k) for k in same], name
+        assert recipe.diffusers.path == cfg.diffusers.path and recipe.tdm.steps == cfg.tdm.steps, name
+        assert Path(recipe.roles.generator_init) == run / "student_adapter.safetensors", name
+        assert Path(recipe.roles.fake_init) == run / "student_fake_adapter.safetensors", name
