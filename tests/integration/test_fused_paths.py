@@ -14,6 +14,7 @@ from utils import TINY, save_tiny_teacher
 
 from tdm_r1 import phases, updates
 from tdm_r1.config import load_config
+from tdm_r1.distributed import Split
 from tdm_r1.rewards import build_reward
 from tdm_r1.rewards.scorer import RewardScorer
 from tdm_r1.run import build_run
@@ -138,7 +139,7 @@ def test_distill_generator_and_fake_steps_reproduce_the_rollout(
     cfg, roles, world = run.cfg, run.roles, run.world
     _perturb_adapters(roles)
     gen = torch.Generator().manual_seed(0)
-    batch = phases._distill_rollout(roles, world, PromptStream(world.train_words, 0), 3, cfg.tdm, gen)
+    batch = phases._distill_rollout(roles, world, PromptStream(world.train_words, 0), Split(3, 3, 1), cfg.tdm, gen)
     cond, traj = batch.cond, batch.traj
     spy = StepSpy(updates.fused_sampler_step)
     monkeypatch.setattr(updates, "fused_sampler_step", spy)  # the generator and fake-score phases shared with train
