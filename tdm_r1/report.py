@@ -323,15 +323,16 @@ def save_start_end_grid(
     path: str | Path,
     pairs_per_row: int = 2,
     marks: tuple[list[bool], list[bool]] | None = None,
+    names: tuple[str, str] = ("start", "end"),
 ) -> None:
     """The start and end generators' samples of the same words and noise side by side: tile 2i is the start's
-    sample of word i ("start: ..."), tile 2i + 1 the end's ("end: ...")."""
+    sample of word i ("start: ..."), tile 2i + 1 the end's ("end: ..."); `names` relabels them."""
     if start.shape != end.shape or not len(start_captions) == len(end_captions) == start.shape[0]:
         raise ValueError("save_start_end_grid: start and end must hold the same samples")
     images = torch.stack([start, end], 1).flatten(0, 1)
     captions, flags = [], []
     for i, (a, b) in enumerate(zip(start_captions, end_captions)):
-        captions += [[a[0], "start: " + a[1]], [b[0], "end: " + b[1]]]
+        captions += [[a[0], f"{names[0]}: " + a[1]], [b[0], f"{names[1]}: " + b[1]]]
         if marks is not None:
             flags += [marks[0][i], marks[1][i]]
     save_labelled_grid(images, captions, path, cols=2 * pairs_per_row, marks=flags if marks is not None else None)

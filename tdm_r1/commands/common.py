@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -82,34 +83,91 @@ def config_from_teacher(args: argparse.Namespace) -> Config:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="what to sample: a toy model checkpoint (.safetensors), a training state (state_*.safetensors or "
+        "state_*.shards), a run directory (its newest state), or a diffusers pipeline folder (`tdm-r1 export`, a "
+        "run's pipeline/, or the SD3 / Z-Image model itself)",
+    )
+    p.add_argument(
+        "--role", default="generator_ema", help="the role of a training state or run to sample (default: EMA generator)"
+    )
     add_config_args(p, required=False)
-    p.add_argument("--nfe", type=int, default=None, help="sampler steps (default: sample.nfe)")
-    p.add_argument("--cfg", type=float, default=None, help="CFG scale; 1 disables CFG (default: sample.cfg)")
-    p.add_argument("--shift", type=float, default=None, help="timestep shift k (default: sample.shift)")
-    p.add_argument("--solver", choices=["euler", "dpmpp2m"], default=None, help="default: sample.solver")
+    p.add_argument("--nfe", type=int, default=None, help="sampler steps (default: the model's own, else sample.nfe)")
+    p.add_argument("--cfg", type=float, default=None, help="CFG scale; 1 disables CFG (default: as --nfe)")
+    p.add_argument("--shift", type=float, default=None, help="timestep shift k (default: as --nfe)")
+    p.add_argument("--solver", choices=["euler", "dpmpp2m"], default=None, help="default: as --nfe")
 
 
-def sampling_settings(args: argparse.Namespace, cfg: Config) -> tuple[int, float, float, str]:
-    """(nfe, CFG scale, shift, solver): the command line's, else the config's `sample:` section."""
-    s = cfg.sample
-    pick = lambda given, default: default if given is None else given
-    return pick(args.nfe, s.nfe), pick(args.cfg, s.cfg), pick(args.shift, s.shift), pick(args.solver, s.solver)
+def sampling_settings(args: argparse.Namespace, cfg: Config, own: dict | None = None) -> tuple[int, float, float, str]:
+    """(nfe, CFG scale, shift, solver): the command line's, else the model's own (a few-step generator from a state or
+    an exported folder: tdm.steps, no CFG, tdm.shift, Euler), else the config's `sample:` section."""
+    s, own = cfg.sample, own or {}
+    defaults = {"nfe": s.nfe, "cfg": s.cfg, "shift": s.shift, "solver": s.solver} | own
+    pick = lambda name: defaults[name] if getattr(args, name) is None else getattr(args, name)
+    return pick("nfe"), pick("cfg"), pick("shift"), pick("solver")
 
 
-def load_checkpoint_run(args: argparse.Namespace, need_splits: bool = True):
-    """(model, world, config, info) of a model checkpoint: config = the checkpoint's world, then --config, then
-    --set. need_splits False (the items come from the command line or a file): the OCR world's word lists are not
-    read, so the command works from any directory (another world is built whole)."""
-    from tdm_r1.checkpoint import load_model
+@dataclass
+class Loadable:
+    """A resolved source whose model is built on demand (one model in memory at a time)."""
+
+    source: object
+    cfg: Config
+    role: str
+    device: torch.device
+
+    def load(self):
+        from tdm_r1.checkpoint.generators import load_generator
+
+        return load_generator(self.source, self.cfg, self.role, self.device)
+
+
+def load_sources(args: argparse.Namespace, given: list[tuple[str | None, str]]):
+    """([Loadable per given (path, role), skipping None paths], the config of the first, Dist). Every source must
+    make images of the first one's size; the process joins a `deepspeed` launch and models go to this rank's device."""
+    from tdm_r1 import distributed
+    from tdm_r1.checkpoint.generators import check_role, resolve_source, source_config
+
+    out = []
+    for path, role in given:
+        if path is None:
+            continue
+        source = resolve_source(path, role)
+        check_role(source, role)
+        out.append((source, role, source_config(source, args.config, args.overrides)))
+    cfg = out[0][2]
+    setup_threads(cfg)
+    size = lambda c: (c.diffusers.height, c.diffusers.width) if is_diffusers(c) else (c.world.height, c.world.width)
+    for source, _, c in out[1:]:
+        if is_diffusers(c) != is_diffusers(cfg) or size(c) != size(cfg):
+            raise ConfigError(
+                f"--against {source.path}: makes {c.model.kind} images of {size(c)}, the model compared makes "
+                f"{cfg.model.kind} images of {size(cfg)}"
+            )
+    dist = distributed.init(cfg.distributed, cfg.optim)
+    device = distributed.rank_device()
+    return [Loadable(s, c, role, device) for s, role, c in out], cfg, dist
+
+
+def eval_world(cfg: Config, need_splits: bool):
+    """The world items are drawn from and scored in. need_splits False (the items come from the command line or a
+    file): the OCR world's word lists and a diffusers config's prompt files are not read, so the command works from
+    any directory (another toy world is built whole)."""
     from tdm_r1.worlds import build_world
     from tdm_r1.worlds.ocr import OCRWorld
+    from tdm_r1.worlds.prompts import PromptWorld
 
-    model, world_cfg, info = load_model(args.checkpoint)
-    cfg = load_config(args.config, args.overrides, base={"world": to_dict(world_cfg)})
-    setup_threads(cfg)
-    world = OCRWorld(cfg.world, [], []) if not need_splits and cfg.world.name == "ocr" else build_world(cfg.world)
-    return model, world, cfg, info
+    if is_diffusers(cfg):
+        if need_splits:
+            from tdm_r1.run import build_world as build_run_world
+
+            return build_run_world(cfg)
+        return PromptWorld([], [], cfg.diffusers.height, cfg.diffusers.width)
+    if not need_splits and cfg.world.name == "ocr":
+        return OCRWorld(cfg.world, [], [])
+    return build_world(cfg.world)
 
 
 def writable_output(path: str | Path) -> Path:

@@ -109,6 +109,10 @@ class EvalConfig:
     train_seeds: int | None = None
     grid_rows: int = 8
     grid_cols: int = 8
+    # Baseline rows (teacher 40 NFE + CFG and 4 NFE, the starting generator) shared between runs, each keyed by the
+    # content of the model it sampled, the items, sampler, seeds and reward: "auto" = .baseline_cache beside run_dir,
+    # a folder, or "" (only the run's own baselines.json).
+    baseline_cache: str = "auto"
 
 
 @dataclass

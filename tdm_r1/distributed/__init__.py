@@ -236,6 +236,39 @@ class Dist:
 LOCAL = Dist()
 
 
+def device_for(requested: str, local_rank: int, cuda_count: int) -> torch.device:
+    """Where this rank runs a model or reward: requested "auto" = the rank's own GPU when there are GPUs
+    (cuda:local_rank when each rank sees them all; cuda:0 when each sees only its own, as with one
+    CUDA_VISIBLE_DEVICES per rank), else the CPU; "cuda" the same but a GPU is required; "cuda:N" exactly that one;
+    "cpu". Errors name what is missing."""
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested in ("auto", "cuda"):
+        if cuda_count == 0:
+            if requested == "cuda":
+                raise ConfigError("device cuda: no CUDA device is visible to this process")
+            return torch.device("cpu")
+        if local_rank < cuda_count:
+            return torch.device("cuda", local_rank)
+        if cuda_count == 1:
+            return torch.device("cuda", 0)
+        raise ConfigError(
+            f"local rank {local_rank} has no GPU of its own: {cuda_count} are visible (launch at most {cuda_count} "
+            "ranks per node, or give each rank one device with CUDA_VISIBLE_DEVICES)"
+        )
+    if requested.startswith("cuda:") and requested[5:].isdigit():
+        index = int(requested[5:])
+        if index >= cuda_count:
+            raise ConfigError(f"device {requested}: only {cuda_count} CUDA device(s) are visible")
+        return torch.device("cuda", index)
+    raise ConfigError(f"device {requested!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def rank_device(requested: str = "auto") -> torch.device:
+    """`device_for` this process: its LOCAL_RANK (0 without a launcher) and the CUDA devices it sees."""
+    return device_for(requested, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())
+
+
 def launched() -> bool:
     """Started by `deepspeed` / `torchrun` (their environment names this process's rank)?"""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -260,9 +293,9 @@ def init(cfg: DistributedConfig, optim: OptimConfig) -> Dist:
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=cfg.timeout_minutes))
     rank, world = tdist.get_rank(), tdist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = rank_device("cuda" if cuda else "cpu")
     if cuda:
-        torch.cuda.set_device(local_rank)
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+        torch.cuda.set_device(device)
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     return Dist(rank, world, local_rank, device, deepspeed_config(cfg, optim.grad_clip))

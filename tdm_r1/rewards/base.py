@@ -73,10 +73,11 @@ def load_transformers_folder(
 
 
 def reward_device(device: str) -> torch.device:
-    """train.rewards[].device: auto = this process's CUDA device when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(device)
+    """train.rewards[].device: auto = this rank's own CUDA device when there is one, else the CPU
+    (`tdm_r1.distributed.device_for`)."""
+    from tdm_r1.distributed import rank_device
+
+    return rank_device(device)
 
 
 class Reward(Protocol):

@@ -88,6 +88,16 @@ class PromptWorld:
             out.append(self.metadata.get(p, {}) | ({"text": text} if text is not None else {}))
         return out
 
+    def read_items(self, path: str) -> list[str]:
+        """The prompts of a .txt / .jsonl file (`read_prompts`), their metadata added to the world's (a prompt that
+        the world already knows with other metadata is an error naming the file)."""
+        prompts, meta = read_prompts(path)
+        for prompt, obj in meta.items():
+            if self.metadata.get(prompt, obj) != obj:
+                raise PromptFileError(f"{path}: prompt {prompt!r} has other metadata than in the run's prompt files")
+        self.metadata = self.metadata | meta
+        return prompts
+
     def items(self, split: str) -> list[str]:
         if split == "train":
             return self.train_words

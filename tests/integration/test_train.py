@@ -303,6 +303,37 @@ def test_baselines_cache_follows_checkpoint_contents_not_paths(paths, tmp_path):
     assert strip(first["teacher_4nfe"]) == strip(second["teacher_4nfe"])
 
 
+def test_baseline_rows_are_shared_between_runs_by_what_they_measured(paths, tmp_path, monkeypatch):
+    import tdm_r1.evaluate as evaluate
+
+    sampled = []
+    real = evaluate.evaluate_role
+
+    def spy(role, world, cfg, words, nfe, *args, **kwargs):
+        sampled.append((nfe, kwargs.get("many_step", False)))
+        return real(role, world, cfg, words, nfe, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_role", spy)  # the baselines' samplings (not the run's final rows)
+    extra = ("train.epochs=1", "train.eval_baselines=true", "sample.nfe=2")
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("seconds")}
+    rows = ("teacher_32nfe_cfg", "teacher_4nfe", "tdm_4nfe")
+
+    first = train(make_cfg(paths, tmp_path / "a", *extra))
+    assert len(sampled) == 3 and len(list((tmp_path / ".baseline_cache").glob("*.json"))) == 3
+    sampled.clear()
+    second = train(make_cfg(paths, tmp_path / "b", *extra))  # another run, the same teacher and start: no baseline
+    assert sampled == []
+    assert all(strip(first[r]) == strip(second[r]) for r in rows)
+    sampled.clear()
+    third = train(make_cfg(paths, tmp_path / "c", *extra, "sample.nfe=3"))  # the many-step sampler changed
+    assert sampled == [(3, True)]  # that row alone is measured again
+    assert strip(third["teacher_4nfe"]) == strip(first["teacher_4nfe"]) and third["teacher_32nfe_cfg"]["nfe"] == 3
+    sampled.clear()
+    alone = train(make_cfg(paths, tmp_path / "d", *extra, "eval.baseline_cache="))  # not shared: all measured
+    assert len(sampled) == 3
+    assert all(strip(alone[r]) == strip(first[r]) for r in rows)  # the shared rows are what a fresh measure gives
+
+
 def test_summary_rows_at_several_eval_seeds_and_the_paired_gain(paths, tmp_path):
     extra = (
         "train.epochs=1",

@@ -1,12 +1,15 @@
-"""tdm_r1.distributed without processes: how rows and random draws are split, the DeepSpeed config mapping."""
+"""tdm_r1.distributed without processes: how rows, random draws and evaluation items are split, where a rank's
+models and rewards run (on a fake device map), the DeepSpeed config mapping."""
 
 import json
+import re
 
 import pytest
 import torch
 
 from tdm_r1.config import ConfigError, DistributedConfig, load_config
-from tdm_r1.distributed import LOCAL, Split, deepspeed_config, epoch_split
+from tdm_r1.distributed import LOCAL, Dist, Split, deepspeed_config, device_for, epoch_split, rank_device
+from tdm_r1.evaluate import gather_share, rank_share
 
 
 def test_each_rank_holds_an_equal_contiguous_slice_of_every_micro_batch():
@@ -70,3 +73,59 @@ def test_raw_deepspeed_json_is_used_with_the_trainer_keys(tmp_path):
     bad.write_text(json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}))
     with pytest.raises(ConfigError, match="has an 'optimizer' section; each role's AdamW comes from `optim:`"):
         deepspeed_config(DistributedConfig(ds_config=str(bad)), 1.0)
+
+
+@pytest.mark.parametrize(("n", "world"), [(7, 2), (8, 2), (5, 3), (1, 4), (64, 8)])
+def test_rank_shares_cover_every_item_once_in_equal_blocks(n, world):
+    shares = [rank_share(n, Dist(rank=r, world=world)) for r in range(world)]
+    assert len({len(s) for s in shares}) == 1  # every rank samples equally many (collective forwards)
+    flat = [i for s in shares for i in s]
+    assert flat[:n] == list(range(n))  # in order: gathering the ranks' blocks and cutting at n restores the items
+    assert all(i == n - 1 for i in flat[n:])  # the padding repeats the last item and is cut away
+    assert rank_share(n) == list(range(n))
+
+
+def test_gather_share_of_one_process_is_the_identity():
+    t = torch.arange(5.0)
+    assert gather_share(t, 5) is t
+
+
+@pytest.mark.parametrize(
+    ("requested", "local_rank", "gpus", "expected"),
+    [
+        ("auto", 0, 0, "cpu"),  # a CPU machine
+        ("auto", 3, 0, "cpu"),
+        ("auto", 3, 8, "cuda:3"),  # a node whose ranks see every GPU
+        ("auto", 5, 1, "cuda:0"),  # one CUDA_VISIBLE_DEVICES per rank: each sees only its own
+        ("cuda", 2, 4, "cuda:2"),
+        ("cuda:1", 0, 2, "cuda:1"),
+        ("cpu", 3, 8, "cpu"),
+    ],
+)
+def test_device_for_a_rank_on_a_fake_device_map(requested, local_rank, gpus, expected):
+    assert device_for(requested, local_rank, gpus) == torch.device(expected)
+
+
+@pytest.mark.parametrize(
+    ("requested", "local_rank", "gpus", "message"),
+    [
+        ("cuda", 0, 0, "no CUDA device is visible"),
+        ("auto", 4, 2, "local rank 4 has no GPU of its own: 2 are visible"),
+        ("cuda:2", 0, 2, "only 2 CUDA device(s) are visible"),
+        ("gpu", 0, 2, "expected auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_device_for_names_what_is_missing(requested, local_rank, gpus, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        device_for(requested, local_rank, gpus)
+
+
+def test_rewards_go_to_the_rank_s_gpu(monkeypatch):
+    from tdm_r1.rewards.base import reward_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert reward_device("auto") == torch.device("cuda", 2) == rank_device()
+    assert reward_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert reward_device("auto") == torch.device("cpu")
