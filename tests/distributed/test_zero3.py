@@ -256,3 +256,33 @@ def test_export_of_the_sharded_checkpoint_equals_the_gathered_parameters(runs, r
         )
         == 0
     )
+
+
+def test_eval_and_sample_split_over_two_ranks_equal_one_process(runs, tmp_path):
+    """`deepspeed --module tdm_r1 eval / sample`: each rank samples its share of the items (5 words: 3 + 3, the last
+    repeated and cut) and rank 0 writes what one process writes (one item per forward: the same arithmetic)."""
+    words = tmp_path / "words.txt"
+    words.write_text("CAT\nDOG\nSUN\nMOON\nSKY\n")
+    model = runs / "cli" / "generator.safetensors"
+    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    common = ["--checkpoint", str(model), "--nfe", "4", "--cfg", "1", "--set", "eval.batch_size=1"]
+    ev = ["eval", *common, "--prompts", str(words), "--seeds", "2"]
+    sample = ["sample", *common, "--prompts", str(words), "--seed", "3"]
+    launches = []
+    for name, args in (("eval", [*ev, "--out", str(tmp_path / "two" / "eval.json")]),
+                       ("sample", [*sample, "--images", str(tmp_path / "two" / "images"),
+                                   "--out", str(tmp_path / "two" / "grid.png")])):  # fmt: skip
+        cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "tdm_r1", *args]
+        launches.append((_launch(cmd, tmp_path / f"{name}.log"), tmp_path / f"{name}.log", f"2-rank {name}"))
+    try:
+        assert main([*ev, "--out", str(tmp_path / "one" / "eval.json")]) == 0
+        assert main([*sample, "--images", str(tmp_path / "one" / "images"), "--out", str(tmp_path / "one.png")]) == 0
+    finally:
+        for proc, log, what in launches:
+            _wait(proc, log, what)
+    one, two = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
+    assert two["n"] == one["n"] == 10 and len(two["per_item"][0]) == 5
+    assert two["per_item"] == one["per_item"] and two["ocr_mean"] == one["ocr_mean"]
+    a, b = (sorted((tmp_path / d / "images").glob("*.png")) for d in ("one", "two"))
+    assert [p.name for p in a] == [p.name for p in b] and len(a) == 5
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
