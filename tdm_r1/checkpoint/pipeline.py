@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -134,19 +135,106 @@ def _write_transformer(adapter, state, lora, alpha, merge_lora, dst: Path, dtype
             dst, transformer_lora_layers=layers, transformer_lora_adapter_metadata=meta, weight_name=LORA_FILE
         )
         return
-    cls = type(adapter.transformer)
-    transformer = cls.from_pretrained(
-        adapter.source, subfolder="transformer", dtype=torch.float32, local_files_only=True
+    stream_transformer(adapter.source / "transformer", dst / "transformer", dtype or adapter.compute_dtype, lora, alpha,
+                       None if lora is not None else {_strip(k): v for k, v in state.items()})  # fmt: skip
+
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+SHARD_BYTES = 2 << 30  # bytes of one written transformer shard: the most the export holds besides the role's weights
+
+
+def _weight_files(src: Path) -> list[Path]:
+    """The source transformer's safetensors files in key order (sharded: as its index lists them)."""
+    index = src / f"{WEIGHTS}.index.json"
+    if index.is_file():
+        names = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
+        return [src / n for n in names]
+    if (src / WEIGHTS).is_file():
+        return [src / WEIGHTS]
+    raise FileNotFoundError(
+        f"{src}: no {WEIGHTS} (or its sharded index); export streams the transformer from safetensors weights"
     )
-    if lora is not None:
-        merge_lora_into(transformer, lora, alpha)
+
+
+@torch.no_grad()
+def stream_transformer(
+    src: Path,
+    dst: Path,
+    dtype: torch.dtype,
+    lora: dict[str, tuple[Tensor, Tensor]] | None = None,
+    alpha: float | None = None,
+    state: dict[str, Tensor] | None = None,
+    shard_bytes: int | None = None,
+) -> dict[str, int]:
+    """Write the transformer folder `dst` from the source folder `src` tensor by tensor, in `dtype`: each weight is the
+    source's (read from its safetensors files one tensor at a time) or `state`'s (full mode: the generator's weights,
+    every key of the source), a LoRA module's weight with (alpha / r) B A added in fp32 (as `merge_lora_into`); written
+    in shards of about `shard_bytes` (default SHARD_BYTES; diffusers' index layout when more than one). Host memory
+    beyond `state`: the shard being built, its serialisation when written, the source pages read since the last shard
+    (mapped; the file is reopened after each shard) and one weight in fp32 - never the whole transformer
+    (benchmarks/export_memory.py measures it). Returns {"shards", "bytes", "largest_shard"}."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shard_bytes = SHARD_BYTES if shard_bytes is None else shard_bytes
+    dst.mkdir(parents=True)
+    shutil.copy2(src / "config.json", dst / "config.json")
+    deltas = {f"{module}.weight": ab for module, ab in (lora or {}).items()}
+    unused = set(state or ())
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, Tensor] = {}
+    size = total = largest = 0
+
+    def flush() -> None:
+        nonlocal shard, size, largest
+        if shard:
+            path = dst / f".shard-{len(written):05d}"
+            save_file(shard, str(path), metadata={"format": "pt"})
+            written.append((path, list(shard)))
+            largest = max(largest, size)
+        shard, size = {}, 0
+
+    for f in _weight_files(src):
+        with safe_open(str(f), framework="pt") as fh:
+            keys = deque(fh.keys())
+        while keys:
+            with safe_open(str(f), framework="pt") as fh:  # reopened after each shard: the pages read are unmapped
+                while keys:
+                    key = keys.popleft()
+                    if state is not None:
+                        if key not in state:
+                            raise KeyError(f"the generator's weights have no {key!r} (the source transformer does)")
+                        t = state[key]
+                        unused.discard(key)
+                    else:
+                        t = fh.get_tensor(key)
+                    if key in deltas:
+                        a, b = deltas.pop(key)
+                        t = t.float() + ((alpha / a.shape[0]) * (b.float() @ a.float())).to(t.device)
+                    out = (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous()
+                    shard[key] = out
+                    nbytes = out.numel() * out.element_size()
+                    size, total = size + nbytes, total + nbytes
+                    if size >= shard_bytes:
+                        flush()
+                        break
+    flush()
+    if deltas:
+        raise KeyError(f"LoRA modules with no weight in the source transformer: {sorted(deltas)[:4]}")
+    if unused:
+        raise KeyError(f"generator weights the source transformer does not have: {sorted(unused)[:4]}")
+    if len(written) == 1:
+        os.replace(written[0][0], dst / WEIGHTS)
     else:
-        clean = {_strip(k): v for k, v in state.items()}
-        transformer.load_state_dict(clean, strict=True)
-    target = dtype or adapter.compute_dtype
-    if target != torch.float32:
-        transformer = transformer.to(target)
-    transformer.save_pretrained(dst / "transformer", safe_serialization=True)
+        weight_map = {}
+        stem = WEIGHTS.removesuffix(".safetensors")
+        for i, (path, keys) in enumerate(written, 1):
+            name = f"{stem}-{i:05d}-of-{len(written):05d}.safetensors"
+            os.replace(path, dst / name)
+            weight_map |= dict.fromkeys(keys, name)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (dst / f"{WEIGHTS}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return {"shards": len(written), "bytes": total, "largest_shard": largest}
 
 
 def _write_scheduler(adapter, shift: float, dst: Path) -> None:

@@ -92,3 +92,79 @@ def test_export_refuses_bad_inputs(sd3_model, tmp_path):
     with pytest.raises(KeyError, match="without both lora_A and lora_B"):
         split_lora(half)
     assert not any(p.name.startswith(".a.tmp") for p in tmp_path.iterdir())  # no half-written folder left
+
+
+def _reference_transformer(path, lora, state, dtype):
+    """What export wrote before it streamed: the whole transformer loaded in fp32, the LoRA merged (or the full
+    weights loaded), cast to `dtype`."""
+    from tdm_r1.checkpoint.pipeline import merge_lora_into
+
+    model = _transformer_cls(path).from_pretrained(path, subfolder="transformer", dtype=torch.float32)
+    if lora is not None:
+        merge_lora_into(model, lora, ALPHA)
+    else:
+        model.load_state_dict(state, strict=True)
+    return {k: v.to(dtype) for k, v in model.state_dict().items()}
+
+
+def _transformer_cls(path):
+    from diffusers import SD3Transformer2DModel, ZImageTransformer2DModel
+
+    name = json.loads((path / "transformer" / "config.json").read_text())["_class_name"]
+    return {"SD3Transformer2DModel": SD3Transformer2DModel, "ZImageTransformer2DModel": ZImageTransformer2DModel}[name]
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("kind", ["sd3", "zimage"])
+def test_export_streams_the_transformer_shard_by_shard(kind, mode, request, tmp_path, monkeypatch):
+    """The merged transformer is written tensor by tensor from the source's (here sharded) safetensors files: equal,
+    bit for bit, to loading it whole in fp32, merging and casting; no whole transformer is loaded on the way, and no
+    written shard holds more than the shard size plus one tensor."""
+    import shutil
+
+    import safetensors.torch
+
+    import tdm_r1.checkpoint.pipeline as pipeline
+    from tdm_r1.models.sd3 import load_sd3
+    from tdm_r1.models.zimage import load_zimage
+
+    source = tmp_path / "sharded"  # the tiny folder with its transformer in several files, as real weights come
+    shutil.copytree(request.getfixturevalue(f"{kind}_dir"), source)
+    cls = _transformer_cls(source)
+    whole = cls.from_pretrained(source, subfolder="transformer")
+    shutil.rmtree(source / "transformer")
+    whole.save_pretrained(source / "transformer", max_shard_size="40KB")
+    assert len(list((source / "transformer").glob("*.safetensors"))) > 2
+    model = (load_sd3 if kind == "sd3" else load_zimage)(tiny_cfg(source, kind))
+    roles = _trained_roles(model, kind)
+    lora = split_lora(roles.adapter_tensors("generator")) if mode == "lora" else None
+    state = None if lora else {k.removeprefix("transformer."): v for k, v in roles.export("generator").items()}
+    want = _reference_transformer(source, lora, state, torch.bfloat16)
+
+    written = []
+    real_save = safetensors.torch.save_file
+
+    def save_file(tensors, *args, **kwargs):
+        written.append(dict(tensors))
+        return real_save(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+    def no_whole_load(*args, **kwargs):
+        raise AssertionError("export loaded the whole transformer")
+
+    monkeypatch.setattr(cls, "from_pretrained", no_whole_load)
+    shard = 8 << 10
+    export = roles.adapter_tensors("generator") if mode == "lora" else roles.export("generator")
+    monkeypatch.setattr(pipeline, "SHARD_BYTES", shard)
+    out = export_diffusers_pipeline(model, export, tmp_path / "out", lora_alpha=ALPHA, dtype=torch.bfloat16)
+    monkeypatch.undo()
+
+    sizes = [sum(t.numel() * t.element_size() for t in s.values()) for s in written]
+    largest = max(t.numel() * t.element_size() for s in written for t in s.values())
+    assert len(written) > 2 and all(size < shard + largest for size in sizes), sizes
+    assert json.loads((out / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    got = cls.from_pretrained(out, subfolder="transformer", dtype=torch.bfloat16).state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])][:3]
+    assert all(v.dtype == torch.bfloat16 for v in got.values() if v.is_floating_point())
