@@ -238,7 +238,7 @@ def label_samples(reporter, images: Tensor, words: list[str], cfg: Config, world
 
     if reporter is None:
         return
-    n = sample_tiles(images)
+    n = min(sample_tiles(images), len(images))  # a distributed evaluation's images: rank 0's share, the first items
     end, end_words = images[:n], words[:n]
     kept = reporter.kept_start()
     start, start_words = (end[:0], []) if kept is None else kept

@@ -392,8 +392,9 @@ class RunReporter:
 
     def keep_start(self, images: torch.Tensor, words: list[str]) -> None:
         """The starting generator's first samples: an unlabelled samples_start.png now, and the samples themselves
-        (samples_start.safetensors, uint8) for the labelled grids at the end of the run, a resumed run included."""
-        n = sample_tiles(images)
+        (samples_start.safetensors, uint8) for the labelled grids at the end of the run, a resumed run included.
+        `images` are the first of `words` (a distributed evaluation: rank 0's share)."""
+        n = min(sample_tiles(images), len(images))
         save_grid(images[:n], self.run / "samples_start.png", cols=8)
         save_samples(self.run / "samples_start.safetensors", images[:n], words[:n])
 
