@@ -102,3 +102,20 @@ def test_prompts_section_is_in_the_strict_schema():
     assert (cfg.prompts.train, cfg.prompts.heldout, cfg.prompts.heldout_limit) == ("a.txt", "", 8)
     with pytest.raises(ConfigError, match="unknown config key 'prompts.test'"):
         load_config(None, ["prompts.test=a.txt"])
+
+
+def test_an_eval_prompt_file_adds_its_metadata_to_the_world(tmp_path):
+    from tdm_r1.worlds.prompts import PromptWorld
+
+    world = PromptWorld([], [], 64, 64, {"two cats": {"prompt": "two cats", "count": 2}})
+    extra = tmp_path / "eval.jsonl"
+    extra.write_text(
+        json.dumps({"prompt": "three dogs", "count": 3}) + "\n" + json.dumps({"prompt": "two cats", "count": 2})
+    )
+    assert world.read_items(str(extra)) == ["three dogs", "two cats"]
+    assert world.targets(["three dogs"]) == [{"prompt": "three dogs", "count": 3}]
+    clash = tmp_path / "clash.jsonl"
+    clash.write_text(json.dumps({"prompt": "two cats", "count": 5}) + "\n")
+    with pytest.raises(PromptFileError, match="'two cats' has other metadata"):
+        world.read_items(str(clash))
+    assert world.targets(["two cats"]) == [{"prompt": "two cats", "count": 2}]  # the clash changed nothing
