@@ -10,9 +10,11 @@ Per image:
    below `min_area` pixels are specks and ignored;
 3. colour = the nearest of the world's colours to the mean of the component's core pixels (coverage >= 0.7), or
    "other" when none is within `colour_tolerance`;
-4. shape from the coverage area over the bounding box ("fill") and where the mass sits: square (fill >= 0.89), disc
-   (>= 0.65), else triangle (apex up: >= 0.62 of the mass in the lower half) or diamond; a component with a bounding
-   box more than 1.5x as wide as high (or high as wide) is no single object ("other").
+4. shape from the component's half-coverage mask (coverage >= 0.5: where a soft or blurred edge crosses half way,
+   so a generator's blur neither grows the box nor thins the fill): its area over its bounding box ("fill") and where
+   its mass sits: square (fill >= 0.89), disc (>= 0.65), else triangle (apex up: >= 0.62 of the mass in the lower
+   half) or diamond; a component with a bounding box more than 1.5x as wide as high (or high as wide) is no single
+   object ("other").
 
 Touching or overlapping objects form one component: they count as ONE object, of shape "other" when their box is
 elongated (two side by side), so an image whose objects merge fails the strict score; the world's own renders never
@@ -38,6 +40,7 @@ from tdm_r1.rewards.base import reward_options
 from tdm_r1.worlds.counting import COLOURS
 
 CORE = 0.7  # coverage of a component's core pixels (its colour)
+HALF = 0.5  # coverage of the pixels a component's shape is read from
 MAX_ASPECT = 1.5
 
 
@@ -96,7 +99,10 @@ def find_objects(image: np.ndarray, opts: CountingOptions) -> list[Found]:
             continue
         core = cov >= CORE
         colour = classify_colour(image[y : y + h, x : x + w][core].mean(0), opts.colour_tolerance)
-        out.append(Found(classify_shape(cov), colour, area, (x, y, w, h)))
+        half = cov >= HALF
+        ys, xs = np.nonzero(half)
+        body = half[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float64)
+        out.append(Found(classify_shape(body), colour, area, (x, y, w, h)))
     return sorted(out, key=lambda f: f.box[0])
 
 
