@@ -148,10 +148,11 @@ counting: venv native
 counting-ablations: venv native
 	$(call ablation_runs,configs/toy_counting_r1.yaml,runs/counting)
 
-# The counting world's teacher (two stages: configs/toy_counting_teacher_base.yaml, then
-# configs/toy_counting_teacher.yaml from its weights) and its 4-step student.
+# The counting world's teacher (three stages, each from the last one's weights: configs/toy_counting_teacher_base.yaml,
+# configs/toy_counting_teacher_stage2.yaml, configs/toy_counting_teacher.yaml) and its 4-step student.
 counting-teacher: venv
 	$(BIN)/tdm-r1 pretrain --config configs/toy_counting_teacher_base.yaml
+	$(BIN)/tdm-r1 pretrain --config configs/toy_counting_teacher_stage2.yaml
 	$(BIN)/tdm-r1 pretrain --config configs/toy_counting_teacher.yaml
 
 counting-student: venv
