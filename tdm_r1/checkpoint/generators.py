@@ -33,7 +33,7 @@ class Source:
     """A resolved source, before its model is built."""
 
     path: Path
-    kind: str  # "model" (toy checkpoint) | "state" | "folder" (diffusers)
+    kind: str  # "model" (toy checkpoint) | "state" | "pretrain" (a teacher's training state) | "folder" (diffusers)
     base: dict  # the config this source brings (under --config and --set)
     label: str  # how reports name it
     sampler: dict = field(default_factory=dict)  # its own sampler defaults: nfe, cfg, shift, solver (few-step models)
@@ -78,7 +78,17 @@ def resolve_source(path: str | Path, role: str = "generator_ema") -> Source:
     if p.is_dir() or _file_format(p) == ckpt.STATE_FORMAT:
         from tdm_r1.checkpoint.export import read_role_tensors
 
-        roles = read_role_tensors(p)
+        if p.is_file():
+            state, info = ckpt.read_train_state(p)
+            if info.get("command") == "pretrain":  # a teacher's training state: its EMA (or online) weights
+                weights = {"generator_ema": state["ema"], "generator": state["model"]}
+                label = f"{p.name} (pretrain {'EMA' if role == 'generator_ema' else role}, step {info.get('step')})"
+                return Source(p, "pretrain", info["config"], label, {}, info, (weights, info))
+            if "roles" not in state:
+                raise ckpt.CheckpointError(f"{p}: a training state without roles (command {info.get('command')!r})")
+            roles = (state["roles"], info)
+        else:
+            roles = read_role_tensors(p)
         info = roles[1]
         if "config" not in info:
             raise ckpt.CheckpointError(f"{p}: the training state holds no run config")
@@ -129,6 +139,15 @@ def load_generator(source: Source, cfg: Config, role: str = "generator_ema", dev
     """The model `source` describes, in eval mode on `device` (default CPU)."""
     if source.kind == "model":
         model = ckpt.load_model(source.path)[0]
+    elif source.kind == "pretrain":
+        from tdm_r1.models.tiny_dit import build_tiny_dit
+
+        weights, info = source.roles
+        if role not in weights:
+            raise ckpt.CheckpointError(f"{source.path} is a pretrain state: --role generator_ema (EMA) or generator")
+        run_cfg: Config = from_dict(info["config"])
+        model = build_tiny_dit(run_cfg.model, run_cfg.world)
+        model.load_state_dict(weights[role], strict=True)
     elif source.kind == "folder":
         model = _folder_model(source, cfg)
     else:
@@ -198,5 +217,5 @@ def _state_model(source: Source, cfg: Config, role: str):
 
 
 def check_role(source: Source, role: str) -> None:
-    if role != "generator_ema" and source.kind != "state":
+    if role != "generator_ema" and source.kind not in ("state", "pretrain"):
         raise ConfigError(f"--role {role}: only a training state or run directory holds several roles ({source.path})")

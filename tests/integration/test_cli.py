@@ -188,3 +188,35 @@ def test_help(command, capsys):
         build_parser().parse_args([command, "--help"])
     assert e.value.code == 0
     assert "--config" in capsys.readouterr().out
+
+
+def test_sample_from_a_pretrain_run_is_its_teacher(teacher, tmp_path, capsys):
+    """A teacher's run directory (its newest training state, step 2: the EMA weights, or --role generator the online
+    ones) samples what the EMA checkpoint written at that step samples."""
+    common = ["CAT", "DOG", "--nfe", "2", "--cfg", "2", "--seed", "5"]
+    for name, source, role in (("file", teacher / "checkpoints" / "step_000002.safetensors", []), ("run", teacher, []),
+                               ("online", teacher, ["--role", "generator"])):  # fmt: skip
+        out = tmp_path / name
+        assert (
+            main(
+                [
+                    "sample",
+                    "--checkpoint",
+                    str(source),
+                    *role,
+                    *common,
+                    "--images",
+                    str(out),
+                    "--out",
+                    str(out / "g.png"),
+                ]
+            )
+            == 0
+        )
+    png = lambda d: [p.read_bytes() for p in sorted(d.glob("0*.png"))]
+    assert png(tmp_path / "run") == png(tmp_path / "file") and len(png(tmp_path / "run")) == 2
+    assert png(tmp_path / "online") != png(tmp_path / "file")
+    assert (
+        main(["sample", "--checkpoint", str(teacher), "--role", "fake", "CAT", "--out", str(tmp_path / "x.png")]) == 2
+    )
+    assert "a pretrain state: --role generator_ema (EMA) or generator" in capsys.readouterr().err
