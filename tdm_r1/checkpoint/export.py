@@ -113,7 +113,8 @@ def export_pipeline(
     """A role of a diffusers run as a standalone diffusers pipeline folder: the run's source folder (diffusers.path,
     which must be the one it was trained against) with the role's transformer; in lora mode the adapter merged into
     it (lora="merge") or kept beside it as pytorch_lora_weights.safetensors (lora="adapter")."""
-    from tdm_r1.models.load import load_diffusers_model
+    from tdm_r1.checkpoint.pipeline import folder_ref, transformer_parameter_names
+    from tdm_r1.models.diffusers_common import DTYPES
 
     if lora not in ("merge", "adapter"):
         raise ValueError(f"lora must be 'merge' or 'adapter', got {lora!r}")
@@ -121,11 +122,14 @@ def export_pipeline(
         raise ckpt.CheckpointError(
             f"{path} was trained against another model than the one now at diffusers.path={cfg.diffusers.path!r}"
         )
-    model = load_diffusers_model(cfg.model, cfg.diffusers)
+    model = folder_ref(cfg.diffusers.path, DTYPES[cfg.diffusers.dtype])  # the weights are streamed, never loaded
     if cfg.roles.mode == "lora":
         tensors = {k.replace(f".{role}.", "."): v for k, v in own.items()}
     else:  # role tensors are parameters only: buffers come from the source transformer
-        tensors = {k: v.detach() for k, v in model.state_dict().items()} | own
+        tensors = {k.removeprefix("transformer."): v for k, v in own.items()}
+        missing = sorted(transformer_parameter_names(cfg.diffusers.path) - set(tensors))
+        if missing:
+            raise ckpt.CheckpointError(f"{path}: role {role} lacks transformer parameters {missing[:4]}")
     return export_diffusers_pipeline(
         model,
         tensors,

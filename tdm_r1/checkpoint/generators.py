@@ -23,9 +23,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tdm_r1 import checkpoint as ckpt
+from tdm_r1.checkpoint.pipeline import PIPELINE_KINDS as PIPELINES
 from tdm_r1.config import Config, ConfigError, from_dict, is_diffusers, load_config, to_dict
-
-PIPELINES = {"StableDiffusion3Pipeline": "sd3", "ZImagePipeline": "zimage"}
 
 
 @dataclass

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +26,54 @@ EXPORT_INFO = "tdm_r1_export.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _PREFIXES = ("base_model.model.", "transformer.")
+
+
+@dataclass
+class FolderRef:
+    """What an export needs of the source model without loading it: the folder, the model kind, the compute dtype, the
+    pipeline class (LoRA saving) and the scheduler (`folder_ref`). A loaded DiffusersFlowModel serves as well."""
+
+    source: Path
+    kind: str
+    compute_dtype: torch.dtype
+    pipeline_cls: type
+    scheduler: object
+
+
+PIPELINE_KINDS = {"StableDiffusion3Pipeline": "sd3", "ZImagePipeline": "zimage"}
+
+
+def folder_ref(path: str | Path, dtype: torch.dtype) -> FolderRef:
+    """The FolderRef of a local SD3 / Z-Image diffusers folder, from its configs alone (no weights read)."""
+    import diffusers
+
+    root = Path(path)
+    index = json.loads((root / "model_index.json").read_text())
+    name = index.get("_class_name", "")
+    if name not in PIPELINE_KINDS:
+        raise ValueError(f"{root}: a {name!r} pipeline; expected one of {', '.join(PIPELINE_KINDS)}")
+    sched_cls = getattr(diffusers, index["scheduler"][1])
+    scheduler = sched_cls.from_pretrained(root, subfolder="scheduler", local_files_only=True)
+    return FolderRef(root, PIPELINE_KINDS[name], dtype, getattr(diffusers, name), scheduler)
+
+
+def transformer_parameter_names(source: str | Path) -> set[str]:
+    """The parameter names of a folder's transformer, from its config on the meta device (no weights read)."""
+    import diffusers
+
+    config = json.loads((Path(source) / "transformer" / "config.json").read_text())
+    cls = getattr(diffusers, config["_class_name"])
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(source, subfolder="transformer", local_files_only=True))
+    return {n for n, _ in model.named_parameters()}
+
+
+def _pipeline_cls(adapter) -> type:
+    return adapter.pipeline_cls if isinstance(adapter, FolderRef) else type(adapter.frozen.pipe)
+
+
+def _scheduler(adapter):
+    return adapter.scheduler if isinstance(adapter, FolderRef) else adapter.frozen.pipe.scheduler
 
 
 def _strip(key: str) -> str:
@@ -59,7 +108,7 @@ def merge_lora_into(transformer: torch.nn.Module, lora: dict[str, tuple[Tensor, 
 
 
 def export_diffusers_pipeline(
-    adapter: DiffusersFlowModel,
+    adapter: DiffusersFlowModel | FolderRef,
     generator_state_or_lora: dict[str, Tensor],
     out_dir: str | Path,
     merge_lora: bool = True,
@@ -73,8 +122,10 @@ def export_diffusers_pipeline(
 ) -> Path:
     """Write a diffusers pipeline folder for the generator.
 
+    adapter: the loaded source model, or its FolderRef (`folder_ref`: nothing loaded).
     generator_state_or_lora: the generator's full transformer state dict (full mode, e.g. Roles.export; keys with or
-    without the `transformer.` prefix) or its LoRA tensors (lora mode, Roles.adapter_tensors), detected from the keys.
+    without the `transformer.` prefix; a key it lacks, e.g. a buffer, is the source's) or its LoRA tensors (lora
+    mode, Roles.adapter_tensors), detected from the keys.
     merge_lora: LoRA merged into the transformer weights, or kept as `pytorch_lora_weights.safetensors` beside the
     unchanged transformer. lora_alpha: required for LoRA tensors (the rank is read from their shapes).
     dtype: weights dtype of the written transformer (default: the adapter's compute dtype).
@@ -131,7 +182,7 @@ def _write_transformer(adapter, state, lora, alpha, merge_lora, dst: Path, dtype
             layers[f"{name}.lora_A.weight"] = a.detach().cpu().contiguous()
             layers[f"{name}.lora_B.weight"] = b.detach().cpu().contiguous()
         meta = {"r": ranks.pop(), "lora_alpha": alpha, "target_modules": sorted(lora)}
-        type(adapter.frozen.pipe).save_lora_weights(
+        _pipeline_cls(adapter).save_lora_weights(
             dst, transformer_lora_layers=layers, transformer_lora_adapter_metadata=meta, weight_name=LORA_FILE
         )
         return
@@ -168,7 +219,8 @@ def stream_transformer(
 ) -> dict[str, int]:
     """Write the transformer folder `dst` from the source folder `src` tensor by tensor, in `dtype`: each weight is the
     source's (read from its safetensors files one tensor at a time) or `state`'s (full mode: the generator's weights,
-    every key of the source), a LoRA module's weight with (alpha / r) B A added in fp32 (as `merge_lora_into`); written
+    each key it lacks - buffers - is the source's), a LoRA module's weight with (alpha / r) B A added in fp32 (as
+    `merge_lora_into`); written
     in shards of about `shard_bytes` (default SHARD_BYTES; diffusers' index layout when more than one). Host memory
     beyond `state`: the shard being built, its serialisation when written, the source pages read since the last shard
     (mapped; the file is reopened after each shard) and one weight in fp32 - never the whole transformer
@@ -201,9 +253,7 @@ def stream_transformer(
             with safe_open(str(f), framework="pt") as fh:  # reopened after each shard: the pages read are unmapped
                 while keys:
                     key = keys.popleft()
-                    if state is not None:
-                        if key not in state:
-                            raise KeyError(f"the generator's weights have no {key!r} (the source transformer does)")
+                    if state is not None and key in state:
                         t = state[key]
                         unused.discard(key)
                     else:
@@ -238,7 +288,7 @@ def stream_transformer(
 
 
 def _write_scheduler(adapter, shift: float, dst: Path) -> None:
-    sched = adapter.frozen.pipe.scheduler
+    sched = _scheduler(adapter)
     type(sched).from_config(sched.config, shift=shift, use_dynamic_shifting=False).save_pretrained(dst / "scheduler")
 
 

@@ -137,3 +137,24 @@ def test_sources_that_are_not_models_are_named(run, tmp_path, capsys):
         assert main(["sample", *args, "red cube", "--out", str(tmp_path / "x.png"), *run.sets()]) == 2, args
         assert message in capsys.readouterr().err, args
     assert not (tmp_path / "x.png").exists()
+
+
+def test_export_reads_no_model_weights_but_the_transformer_s(run, tmp_path, monkeypatch):
+    """`tdm-r1 export` streams the transformer from the source folder: the pipeline (text encoders, VAE) and the
+    transformer are never loaded, and what it writes is the fixture's export, bit for bit."""
+    import diffusers
+    import safetensors.torch
+
+    import tdm_r1.models.load
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("export loaded a model")
+
+    monkeypatch.setattr(tdm_r1.models.load, "load_diffusers_model", refuse)
+    for cls in (diffusers.SD3Transformer2DModel, diffusers.ZImageTransformer2DModel, diffusers.DiffusionPipeline):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+    assert main(["export", "--checkpoint", str(run.dir / "run"), "--out", str(tmp_path / "again")]) == 0
+    monkeypatch.undo()
+    weights = lambda d: safetensors.torch.load_file(str(d / "transformer" / "diffusion_pytorch_model.safetensors"))
+    a, b = weights(tmp_path / "again"), weights(run.dir / "merged")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
