@@ -11,10 +11,10 @@ Per image:
 3. colour = the nearest of the world's colours to the mean of the component's core pixels (coverage >= 0.7), or
    "other" when none is within `colour_tolerance`;
 4. shape from the component's half-coverage mask (coverage >= 0.5: where a soft or blurred edge crosses half way,
-   so a generator's blur neither grows the box nor thins the fill): its area over its bounding box ("fill") and where
-   its mass sits: square (fill >= 0.89), disc (>= 0.65), else triangle (apex up: >= 0.62 of the mass in the lower
-   half) or diamond; a component with a bounding box more than 1.5x as wide as high (or high as wide) is no single
-   object ("other").
+   so a generator's blur neither grows the box nor thins it): the world's shape (square, disc, triangle apex up,
+   diamond) whose outline drawn in the mask's bounding box overlaps the mask most (intersection over union), so a
+   square with ragged corners or a slightly polygonal disc is still read as one; a component with a bounding box more
+   than 1.5x as wide as high (or high as wide) is no single object ("other").
 
 Touching or overlapping objects form one component: they count as ONE object, of shape "other" when their box is
 elongated (two side by side), so an image whose objects merge fails the strict score; the world's own renders never
@@ -28,6 +28,7 @@ Scores (option `score`):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,7 +38,7 @@ import torch
 
 from tdm_r1.config import RewardTermConfig
 from tdm_r1.rewards.base import reward_options
-from tdm_r1.worlds.counting import COLOURS
+from tdm_r1.worlds.counting import COLOURS, SHAPES, shape_mask
 
 CORE = 0.7  # coverage of a component's core pixels (its colour)
 HALF = 0.5  # coverage of the pixels a component's shape is read from
@@ -62,19 +63,21 @@ class CountingOptions:
     colour_tolerance: float = 0.35  # RGB distance within which a component's colour is one of the world's
 
 
-def classify_shape(cov: np.ndarray) -> str:
-    """Shape of one component from its coverage [h, w] over its bounding box."""
-    h, w = cov.shape
+@functools.lru_cache(maxsize=1024)
+def _templates(h: int, w: int) -> tuple[tuple[str, np.ndarray], ...]:
+    return tuple((shape, shape_mask(shape, w, h) >= HALF) for shape in SHAPES)
+
+
+def classify_shape(body: np.ndarray) -> str:
+    """Shape of one component from its half-coverage mask [h, w] over its bounding box: the world's shape whose
+    outline drawn in that box overlaps it most (intersection over union), so a square with ragged corners stays a
+    square; "other" when the box is too elongated for one object."""
+    h, w = body.shape
     if w > MAX_ASPECT * h or h > MAX_ASPECT * w:
         return "other"
-    fill = float(cov.sum()) / (h * w)
-    if fill >= 0.89:
-        return "square"
-    if fill >= 0.65:
-        return "disc"
-    rows = cov.sum(1)
-    lower = float(rows[h - h // 2 :].sum() + (rows[h // 2] / 2 if h % 2 else 0.0)) / float(rows.sum())
-    return "triangle" if lower >= 0.62 else "diamond"
+    mask = body >= HALF
+    iou = {shape: (mask & t).sum() / max(1, (mask | t).sum()) for shape, t in _templates(h, w)}
+    return max(iou, key=iou.get)
 
 
 def classify_colour(rgb: np.ndarray, tolerance: float) -> str:

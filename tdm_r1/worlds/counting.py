@@ -111,22 +111,24 @@ class CountingOptions:
     miscount_prob: float = 0.0
 
 
-def shape_mask(shape: str, size: int) -> np.ndarray:
-    """[size, size] float coverage in [0, 1] of a shape filling the square, anti-aliased."""
-    s = size * SUPERSAMPLE
-    img = Image.new("L", (s, s), 0)
+def shape_mask(shape: str, size: int, height: int | None = None) -> np.ndarray:
+    """[height, size] float coverage in [0, 1] of a shape filling a size-wide box (square unless `height` is given),
+    anti-aliased."""
+    h = size if height is None else height
+    sw, sh = size * SUPERSAMPLE, h * SUPERSAMPLE
+    img = Image.new("L", (sw, sh), 0)
     d = ImageDraw.Draw(img)
     if shape == "square":
-        d.rectangle([0, 0, s - 1, s - 1], fill=255)
+        d.rectangle([0, 0, sw - 1, sh - 1], fill=255)
     elif shape == "disc":
-        d.ellipse([0, 0, s - 1, s - 1], fill=255)
+        d.ellipse([0, 0, sw - 1, sh - 1], fill=255)
     elif shape == "triangle":  # apex up, base along the bottom
-        d.polygon([(s / 2, 0), (s - 1, s - 1), (0, s - 1)], fill=255)
+        d.polygon([(sw / 2, 0), (sw - 1, sh - 1), (0, sh - 1)], fill=255)
     elif shape == "diamond":
-        d.polygon([(s / 2, 0), (s - 1, s / 2), (s / 2, s - 1), (0, s / 2)], fill=255)
+        d.polygon([(sw / 2, 0), (sw - 1, sh / 2), (sw / 2, sh - 1), (0, sh / 2)], fill=255)
     else:
         raise ValueError(f"unknown shape {shape!r}")
-    return np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255.0
+    return np.asarray(img.resize((size, h), Image.Resampling.BOX), dtype=np.float32) / 255.0
 
 
 @dataclass
