@@ -136,8 +136,8 @@ blot-student: venv
 counting: venv native
 	$(BIN)/tdm-r1 train --config configs/toy_counting_r1.yaml
 	rm -f runs/counting/probe.md
-	$(BIN)/python tools/counting_probe.py --checkpoint checkpoints/toy_counting_teacher.safetensors --nfe 32 --cfg 3 \
-		--seed 1234 --markdown runs/counting/probe.md --label "teacher, 32 NFE + CFG 3"
+	$(BIN)/python tools/counting_probe.py --checkpoint checkpoints/toy_counting_teacher.safetensors --nfe 32 --cfg 4.5 \
+		--seed 1234 --markdown runs/counting/probe.md --label "teacher, 32 NFE + CFG 4.5"
 	$(BIN)/python tools/counting_probe.py --checkpoint checkpoints/toy_counting_teacher.safetensors --seed 1234 --seeds 4 \
 		--adapter checkpoints/toy_counting_student_adapter.safetensors --markdown runs/counting/probe.md \
 		--label "student, 4 NFE"
