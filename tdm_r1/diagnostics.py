@@ -4,10 +4,11 @@ a surrogate prefer the better samples of a group (on the samples it was trained 
 Also where a generator's renderings fail: character errors by position and exact readings by word length, and where
 its text sits on the canvas (ink columns, text cut off at the right edge).
 
-Also how a generator counts: by requested count, the share of its samples with the right number of objects.
+Also how a generator counts: by requested count, the share of its samples with the right number of objects; and how
+much of a stochastic (eta > 0) rollout's reward its starting noise already decides.
 
 Used by tools/best_of_k.py, tools/surrogate_probe.py, tools/surrogate_fit.py, tools/error_positions.py,
-tools/layout_probe.py and tools/counting_probe.py.
+tools/layout_probe.py, tools/counting_probe.py and tools/rollout_noise.py.
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def checkpoint_tool_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def load_checkpoint_tool(args: argparse.Namespace):
-    """(model, world, cfg) for a checkpoint tool: the checkpoint's world, then --set; threads applied."""
+    """(model, world, cfg) for a checkpoint tool: the checkpoint's world, then --set; threads applied. With
+    `args.adapter` (a LoRA adapter of tdm-r1 distill / train), the model is the checkpoint with that adapter on it."""
     from tdm_r1.checkpoint import load_model
     from tdm_r1.config import load_config, to_dict
     from tdm_r1.worlds import build_world
@@ -148,6 +150,12 @@ def load_checkpoint_tool(args: argparse.Namespace):
     cfg = load_config(None, args.overrides, base={"world": to_dict(world_cfg)})
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    if getattr(args, "adapter", None):
+        from tdm_r1.checkpoint import read_adapter
+        from tdm_r1.roles import build_roles
+
+        init = read_adapter(args.adapter, cfg.roles)
+        model = build_roles(cfg.roles, model.requires_grad_(False), surrogate=False, generator_init=init).generator_ema
     return model, build_world(cfg.world), cfg
 
 
@@ -194,3 +202,32 @@ def count_profile(found: list[list], targets: list[dict]) -> dict:
                    "strict": sum(s for _, s in v) / len(v), "bias": sum(n - c for n, _ in v) / len(v)}  # fmt: skip
     diffs = [len(objs) - int(t["count"]) for objs, t in zip(found, targets, strict=True)]
     return {"by_count": rows, "difference": {d: diffs.count(d) / len(diffs) for d in sorted(set(diffs))}}
+
+
+def start_noise_share(det: Tensor, stoch: Tensor) -> dict:
+    """How much of a stochastic rollout's reward its starting noise decides, from the rewards `det` [N] of N
+    deterministic rollouts and `stoch` [N, R] of R stochastic rollouts (eta > 0) from each of the same N starts.
+
+    `start_share`: the share of the stochastic rewards' variance between starting noises, 1 - mean_i var_j / var
+    (population variances; 1 when the re-noising never changes a reward, 0 when the start tells nothing);
+    `same_as_deterministic`: the share of stochastic rewards equal to their start's deterministic reward; `corr`: the
+    correlation over starts of the deterministic reward with the mean stochastic one (NaN when either is constant);
+    the two rollouts' mean rewards."""
+    if det.dim() != 1 or stoch.dim() != 2 or stoch.shape[0] != det.shape[0] or stoch.shape[1] < 1:
+        raise ValueError(f"start_noise_share: expected det [N] and stoch [N, R], got {tuple(det.shape)} and "
+                         f"{tuple(stoch.shape)}")  # fmt: skip
+    det, stoch = det.double(), stoch.double()
+    total = stoch.var(unbiased=False)
+    within = stoch.var(dim=1, unbiased=False).mean()
+    m = stoch.mean(dim=1)
+    a, b = det - det.mean(), m - m.mean()
+    den = float((a.square().sum() * b.square().sum()).sqrt())
+    return {
+        "n": det.shape[0],
+        "draws": stoch.shape[1],
+        "mean_deterministic": float(det.mean()),
+        "mean_stochastic": float(stoch.mean()),
+        "start_share": float(1 - within / total) if total > 0 else math.nan,
+        "same_as_deterministic": float((stoch == det[:, None]).double().mean()),
+        "corr": float((a * b).sum()) / den if den > 0 else math.nan,
+    }

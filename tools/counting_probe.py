@@ -29,12 +29,6 @@ def main() -> None:
     from tdm_r1.rewards.counting import CountingOptions, find_objects
 
     model, world, cfg = load_checkpoint_tool(args)
-    if args.adapter:
-        from tdm_r1.checkpoint import read_adapter
-        from tdm_r1.roles import build_roles
-
-        init = read_adapter(args.adapter, cfg.roles)
-        model = build_roles(cfg.roles, model.requires_grad_(False), surrogate=False, generator_init=init).generator_ema
     items = world.items("heldout")
     found, targets = [], []
     for seed in range(args.seed, args.seed + args.seeds):

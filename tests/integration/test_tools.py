@@ -43,3 +43,23 @@ def test_layout_probe_splits_samples_at_the_right_edge(words64):
     assert out["n"] == 64 and 0 < out["at_edge"] < 1 and out["ink_left_mean"] < out["ink_right_mean"]
     mixed = out["at_edge"] * out["ocr_mean_at_edge"] + (1 - out["at_edge"]) * out["ocr_mean_inside"]
     assert mixed == pytest.approx(out["ocr_mean"], abs=1e-5)
+
+
+def _rollout_noise(*args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "tools/rollout_noise.py", "--checkpoint", "checkpoints/toy_ocr_blot_teacher.safetensors",
+         "--adapter", "checkpoints/toy_ocr_blot_student_adapter.safetensors", "--items", "4", "--draws", "2",
+         "--seed", "1234", *args],
+        check=True, capture_output=True, text=True, timeout=600,
+    ).stdout  # fmt: skip
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_rollout_noise_at_eta_0_repeats_the_deterministic_rollout_and_at_eta_1_does_not():
+    still = _rollout_noise("--eta", "0")
+    assert (still["n"], still["draws"]) == (4, 2)
+    assert still["same_as_deterministic"] == 1.0 and still["mean_stochastic"] == still["mean_deterministic"]
+    moved = _rollout_noise("--eta", "1")
+    # the same starts and the same deterministic rollouts; re-noising changes the OCR reading's score somewhere
+    assert moved["mean_deterministic"] == still["mean_deterministic"]
+    assert moved["same_as_deterministic"] < 1.0 and moved["start_share"] <= 1.0

@@ -16,6 +16,7 @@ from tdm_r1.diagnostics import (
     preference_probe,
     solid_blocks,
     split_scores,
+    start_noise_share,
 )
 from tdm_r1.worlds.ocr import build_world
 from tdm_r1_kernels.reference import velocity_target_mse_ref
@@ -146,3 +147,29 @@ def test_split_scores_hand_computed():
     assert none["at_edge"] == 0 and none["ocr_mean_at_edge"] is None and none["ocr_mean_inside"] == pytest.approx(0.65)
     with pytest.raises(ValueError, match="bool mask"):
         split_scores(scores, torch.ones(4), "a", "b")
+
+
+def test_start_noise_share_hand_computed():
+    det = torch.tensor([1.0, 0.0, 1.0])
+    stoch = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]])
+    out = start_noise_share(det, stoch)
+    # all six rewards: mean 1/2, variance 1/4; within starts 0, 1/4, 0 -> 1/12; 1 - (1/12) / (1/4) = 2/3
+    assert out["start_share"] == pytest.approx(2 / 3)
+    assert out["same_as_deterministic"] == pytest.approx(3 / 6)  # 2 of row 0, 1 of row 1, none of row 2
+    # det - 2/3 = (1/3, -2/3, 1/3), stochastic means - 1/2 = (1/2, 0, -1/2): orthogonal
+    assert out["corr"] == pytest.approx(0.0, abs=1e-12)
+    assert out["mean_deterministic"] == pytest.approx(2 / 3) and out["mean_stochastic"] == pytest.approx(0.5)
+    assert (out["n"], out["draws"]) == (3, 2)
+
+
+def test_start_noise_share_limits():
+    det = torch.tensor([0.2, 0.9, 0.5, 0.1])
+    # the re-noising never changes a reward: the start decides everything
+    same = start_noise_share(det, det[:, None].repeat(1, 5))
+    assert same["start_share"] == pytest.approx(1.0) and same["same_as_deterministic"] == 1.0
+    assert same["corr"] == pytest.approx(1.0)
+    # every start sees the same spread of rewards: the start decides nothing
+    flat = start_noise_share(det, torch.tensor([[0.0, 1.0]]).repeat(4, 1))
+    assert flat["start_share"] == pytest.approx(0.0, abs=1e-12) and math.isnan(flat["corr"])
+    with pytest.raises(ValueError, match=r"det \[N\] and stoch \[N, R\]"):
+        start_noise_share(det, torch.ones(3, 2))
