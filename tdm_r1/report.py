@@ -120,6 +120,12 @@ def report_markdown(summary: dict, ablations: dict[str, dict] | None = None, tit
     what = (
         "words, one sample per word, OCR (rapidocr) score" if m == "ocr" else "prompts, one sample per prompt, reward"
     )
+    tiles = (
+        "words and noise (each tile: the word, what the reward read, its score; green = exact)"
+        if m == "ocr"
+        else "prompts and noise (each tile: the prompt, what the reward found where it says, its score; green = full "
+        "score)"
+    )
     lines = [
         f"# {title}",
         "",
@@ -164,8 +170,7 @@ def report_markdown(summary: dict, ablations: dict[str, dict] | None = None, tit
         "",
         "![reward curve](reward_curve.png)",
         "",
-        "The start and end generators on the same held-out words and noise (each tile: the word, what the reward "
-        "read, its score; green = exact): ![start vs end](samples_start_end.png)",
+        f"The start and end generators on the same held-out {tiles}: ![start vs end](samples_start_end.png)",
         "",
         "Start: ![start](samples_start.png)",
         "",

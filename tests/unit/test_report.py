@@ -108,6 +108,12 @@ def test_headline_compares_tdm_r1_with_the_teacher_and_the_student():
     assert text.split("\n")[2] == headline_lines(summary, "ocr")[0]  # the report opens with it
     assert "| Teacher, 32 NFE + CFG 3 | 0.838 | 0.500 | 4 |" in text and "samples_start_end.png" in text
     assert headline_lines({"tdm_r1_4nfe": final}, "ocr") == []  # no teacher row: no comparison to make
+    assert "(each tile: the word, what the reward read, its score; green = exact)" in text
+    # a run scored by its train.rewards (the counting world, diffusers prompts) labels its tiles with prompts
+    scored = {
+        k: {"reward_mean": r["ocr_mean"], "reward_exact": 0.5, "n": 4} for k, r in summary.items() if "gain" not in k
+    }
+    assert "held-out prompts and noise (each tile: the prompt," in report_markdown(scored)
 
 
 def test_captions_name_the_word_the_reading_and_the_score():
